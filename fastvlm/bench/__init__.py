@@ -1,0 +1,1 @@
+"""Benchmarks: latency, FLOPs and memory of the encoders and the whole model."""

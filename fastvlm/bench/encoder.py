@@ -1,0 +1,144 @@
+"""FastViTHD latency: the released (unfused) inference form against our fused form.
+
+Both forms run in the same process on the same random weights (latency does not depend
+on the values), interleaved call by call. Each row reports, for one device and input
+resolution: visual tokens, GFLOPs, median latency of each form, their ratio, peak
+memory of one call, and the largest difference between the two forms' outputs (a
+guard that the speed-up is not bought with a different function).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from fastvlm.bench.measure import count_flops, median_latency_ms, peak_memory_mb
+from fastvlm.vision import FastViTConfig, FastViTHD
+
+
+@dataclass
+class EncoderRow:
+    device: str
+    dtype: str
+    resolution: int
+    batch: int
+    tokens: int
+    gflops: float
+    unfused_ms: float
+    fused_ms: float
+    speedup: float
+    unfused_peak_mb: float | None
+    fused_peak_mb: float | None
+    max_rel_diff: float
+
+
+def randomize_statistics(model: torch.nn.Module, seed: int = 0, layer_scale_max: float = 0.2) -> None:
+    """Move BatchNorm statistics and layer scales off their defaults so every path matters.
+
+    Means ~ N(0, 0.1), variances ~ U(0.5, 1.5), layer scales ~ U(0, layer_scale_max):
+    moderate enough to keep FastViTHD's 44 residual blocks numerically tame.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("running_mean"):
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.1)
+            elif name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
+            elif "layer_scale" in name:
+                tensor.copy_(torch.rand(tensor.shape, generator=gen) * layer_scale_max)
+
+
+def measure_forms(
+    reference: FastViTHD,
+    device_name: str,
+    resolution: int,
+    *,
+    batch: int,
+    repeats: int,
+    warmup: int,
+    gpu_dtype: torch.dtype,
+) -> EncoderRow:
+    """One row: the released inference form and the fused form of ``reference`` on one device and size."""
+    device = torch.device(device_name)
+    fused_dtype = gpu_dtype if device.type == "cuda" else torch.float32
+    forms = {
+        "unfused": copy.deepcopy(reference).to(device),
+        "fused": copy.deepcopy(reference).to(device).fuse(dtype=fused_dtype),
+    }
+    x = torch.rand(batch, 3, resolution, resolution, device=device)
+    calls = {name: functools.partial(model, x) for name, model in forms.items()}
+    with torch.inference_mode():
+        timings = median_latency_ms(calls, device, warmup=warmup, repeats=repeats)
+        peaks = {name: peak_memory_mb(call, device) for name, call in calls.items()}
+        a, b = calls["unfused"]().float(), calls["fused"]().float()
+        diff = ((a - b).abs().max() / a.abs().max().clamp(min=1)).item()
+    with torch.device("meta"):
+        meta_model = FastViTHD(reference.config).eval()
+        flops = count_flops(functools.partial(meta_model, torch.empty(batch, 3, resolution, resolution)))
+    return EncoderRow(
+        device=device_name,
+        dtype=str(fused_dtype).removeprefix("torch."),
+        resolution=resolution,
+        batch=batch,
+        tokens=reference.config.num_tokens(resolution),
+        gflops=flops / 1e9,
+        unfused_ms=timings["unfused"],
+        fused_ms=timings["fused"],
+        speedup=timings["unfused"] / timings["fused"],
+        unfused_peak_mb=peaks["unfused"],
+        fused_peak_mb=peaks["fused"],
+        max_rel_diff=diff,
+    )
+
+
+def run_encoder_benchmark(
+    resolutions: list[int],
+    devices: list[str],
+    *,
+    config: FastViTConfig | None = None,
+    batch: int = 1,
+    repeats: int = 5,
+    warmup: int = 1,
+    gpu_dtype: torch.dtype = torch.bfloat16,
+    progress: bool = True,
+) -> list[EncoderRow]:
+    """Rows for every (device, resolution), all from one random-weight tower."""
+    torch.manual_seed(0)
+    reference = FastViTHD(config).eval()
+    randomize_statistics(reference)
+    jobs = [(d, r) for d in devices for r in resolutions]
+    return [
+        measure_forms(reference, device, resolution, batch=batch, repeats=repeats, warmup=warmup, gpu_dtype=gpu_dtype)
+        for device, resolution in tqdm(jobs, desc="encoder latency", disable=not progress, unit="config")
+    ]
+
+
+def format_table(rows: list[EncoderRow]) -> str:
+    def mb(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:,.0f}"
+
+    lines = [
+        "| device | fused dtype | px | tokens | GFLOPs | unfused ms | fused ms | speed-up | "
+        "unfused peak MiB | fused peak MiB | max rel diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.device} | {r.dtype} | {r.resolution} | {r.tokens} | {r.gflops:.1f} | {r.unfused_ms:,.1f} | "
+            f"{r.fused_ms:,.1f} | {r.speedup:.2f}x | {mb(r.unfused_peak_mb)} | {mb(r.fused_peak_mb)} | "
+            f"{r.max_rel_diff:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def write_json(rows: list[EncoderRow], path: str | Path, meta: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))

@@ -1,0 +1,429 @@
+"""Checkpoint layouts: detection, key maps and strict loading.
+
+Vision tower layouts (the same tensors under three naming schemes):
+
+* ``"fastvlm"`` (ours): ``stem.N``, ``stages.S.{downsample.{spatial,pointwise},pos_embed,blocks.B}``,
+  ``final_conv``; training-form branches ``conv_branches.I``, ``scale_branch``, ``skip_branch``.
+* ``"apple"`` (the authors' MobileCLIP/FastViT code, in ``llava_qwen2`` checkpoints under
+  ``model.vision_tower.vision_tower.model.``): ``patch_embed.N``, a flat ``network.N`` list,
+  ``conv_exp``; branches ``rbr_conv.I``, ``rbr_scale``, ``rbr_skip``; ``lkb_reparam`` /
+  ``lkb_origin``; RepCPE ``pe``; ConvFFN ``convffn``.
+* ``"timm"`` (timm's ``fastvit_mci3``, in transformers ``fast_vlm`` checkpoints under
+  ``model.vision_tower.timm_model.``): ``stem.N``, ``stages.S.{downsample.proj.{0,1},pos_emb,blocks.B}``,
+  ``final_conv``; branches ``conv_kxk.I``, ``conv_scale``, ``identity``; ``se.fc1/fc2``; layer
+  scales as ``….gamma``; RepCPE ``pos_enc``.
+
+Every conversion goes through our layout, so ``apple -> timm`` is ``apple -> ours -> timm``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from fastvlm.vision.config import FastViTConfig
+
+if TYPE_CHECKING:
+    from fastvlm.vision.fastvit import FastViT
+
+TOWER_LAYOUTS = ("fastvlm", "apple", "timm")
+
+# Where each layout's tower sits inside a whole FastVLM checkpoint.
+TOWER_PREFIXES = {
+    "apple": "model.vision_tower.vision_tower.model.",
+    "timm": "model.vision_tower.timm_model.",
+    "fastvlm": "vision_tower.",
+}
+
+# ----------------------------------------------------------------------------------------
+# Key grammar of our layout: a structural unit, then the key inside that unit.
+# ----------------------------------------------------------------------------------------
+
+_OURS_UNIT = re.compile(
+    r"^(?:(?P<stem>stem\.\d+)"
+    r"|stages\.(?P<stage>\d+)\.(?:(?P<down>downsample\.(?:spatial|pointwise))|(?P<cpe>pos_embed)|blocks\.(?P<block>\d+))"
+    r"|(?P<final>final_conv)|(?P<head>head))\.(?P<rest>.+)$"
+)
+
+# Renames inside a unit, as (ours, theirs) fragments matched on whole dotted segments.
+_MOBILEONE = {
+    "apple": [("conv_branches", "rbr_conv"), ("scale_branch", "rbr_scale"), ("skip_branch", "rbr_skip")],
+    "timm": [
+        ("conv_branches", "conv_kxk"),
+        ("scale_branch", "conv_scale"),
+        ("skip_branch", "identity"),
+        ("se.reduce", "se.fc1"),
+        ("se.expand", "se.fc2"),
+    ],
+}
+_LARGE_KERNEL = {"apple": [("reparam_conv", "lkb_reparam"), ("large_conv", "lkb_origin")], "timm": []}
+_POS_EMBED = {"apple": [("pos_conv", "pe")], "timm": [("pos_conv", "pos_enc")]}
+_BLOCK = {
+    "apple": [("mlp", "convffn")] + _MOBILEONE["apple"],
+    "timm": [
+        ("layer_scale", "layer_scale.gamma"),
+        ("layer_scale_1", "layer_scale_1.gamma"),
+        ("layer_scale_2", "layer_scale_2.gamma"),
+    ]
+    + _MOBILEONE["timm"],
+}
+
+
+def _rename(key: str, pairs: list[tuple[str, str]], reverse: bool) -> str:
+    for ours, theirs in pairs:
+        src, dst = (theirs, ours) if reverse else (ours, theirs)
+        key = re.sub(rf"(?<![^.]){re.escape(src)}(?![^.])", dst, key)
+    return key
+
+
+def network_table(config: FastViTConfig) -> list[tuple[str, int]]:
+    """The authors' flat ``network`` list as (kind, stage) entries, kind in downsample/pos_embed/blocks."""
+    table = []
+    for stage in range(len(config.depths)):
+        if stage > 0:
+            table.append(("downsample", stage))
+        if config.pos_embeds[stage]:
+            table.append(("pos_embed", stage))
+        table.append(("blocks", stage))
+    return table
+
+
+def _network_table_from_apple_keys(keys: Iterable[str]) -> list[tuple[str, int]]:
+    kinds: dict[int, str] = {}
+    for key in keys:
+        m = re.match(r"^network\.(\d+)\.([^.]+)\.", key)
+        if not m:
+            continue
+        idx, sub = int(m.group(1)), m.group(2)
+        kind = "downsample" if sub == "proj" else "blocks" if sub.isdigit() else "pos_embed"
+        if kinds.setdefault(idx, kind) != kind:
+            raise ValueError(f"network.{idx} mixes tensors of a {kinds[idx]} and a {kind}: {key}")
+    if sorted(kinds) != list(range(len(kinds))):
+        raise ValueError(f"the authors' 'network' list has gaps: indices {sorted(kinds)}")
+    table, stage = [], 0
+    for idx in range(len(kinds)):
+        if kinds[idx] == "downsample":
+            stage += 1
+        table.append((kinds[idx], stage))
+    return table
+
+
+def _to_foreign(key: str, layout: str, table: list[tuple[str, int]]) -> str:
+    m = _OURS_UNIT.match(key)
+    if not m:
+        raise ValueError(f"not a FastViT tensor name in our layout: {key!r}")
+    rest = m["rest"]
+    if m["stem"]:
+        unit = m["stem"].replace("stem", "patch_embed") if layout == "apple" else m["stem"]
+        return f"{unit}.{_rename(rest, _MOBILEONE[layout], False)}"
+    if m["final"]:
+        unit = "conv_exp" if layout == "apple" else "final_conv"
+        return f"{unit}.{_rename(rest, _MOBILEONE[layout], False)}"
+    if m["head"]:
+        return key
+    stage = int(m["stage"])
+    if m["down"]:
+        part = m["down"].split(".")[1]
+        pairs = _LARGE_KERNEL[layout] if part == "spatial" else _MOBILEONE[layout]
+        sub = "0" if part == "spatial" else "1"
+        rest = _rename(rest, pairs, False)
+        if layout == "apple":
+            return f"network.{table.index(('downsample', stage))}.proj.{sub}.{rest}"
+        return f"stages.{stage}.downsample.proj.{sub}.{rest}"
+    if m["cpe"]:
+        rest = _rename(rest, _POS_EMBED[layout], False)
+        if layout == "apple":
+            return f"network.{table.index(('pos_embed', stage))}.{rest}"
+        return f"stages.{stage}.pos_emb.{rest}"
+    rest = _rename(rest, _BLOCK[layout], False)
+    if layout == "apple":
+        return f"network.{table.index(('blocks', stage))}.{m['block']}.{rest}"
+    return f"stages.{stage}.blocks.{m['block']}.{rest}"
+
+
+def _from_apple(key: str, table: list[tuple[str, int]]) -> str:
+    if m := re.match(r"^patch_embed\.(\d+)\.(.+)$", key):
+        return f"stem.{m[1]}.{_rename(m[2], _MOBILEONE['apple'], True)}"
+    if m := re.match(r"^conv_exp\.(.+)$", key):
+        return f"final_conv.{_rename(m[1], _MOBILEONE['apple'], True)}"
+    if key.startswith("head."):
+        return key
+    if m := re.match(r"^network\.(\d+)\.(.+)$", key):
+        idx, rest = int(m[1]), m[2]
+        if idx >= len(table):
+            raise ValueError(f"unexpected tensor {key!r}: there is no network.{idx}")
+        kind, stage = table[idx]
+        if kind == "downsample" and (d := re.match(r"^proj\.([01])\.(.+)$", rest)):
+            part, pairs = ("spatial", _LARGE_KERNEL["apple"]) if d[1] == "0" else ("pointwise", _MOBILEONE["apple"])
+            return f"stages.{stage}.downsample.{part}.{_rename(d[2], pairs, True)}"
+        if kind == "pos_embed":
+            return f"stages.{stage}.pos_embed.{_rename(rest, _POS_EMBED['apple'], True)}"
+        if kind == "blocks" and (b := re.match(r"^(\d+)\.(.+)$", rest)):
+            return f"stages.{stage}.blocks.{b[1]}.{_rename(b[2], _BLOCK['apple'], True)}"
+    raise ValueError(f"not a FastViT tensor name in the authors' layout: {key!r}")
+
+
+def _from_timm(key: str) -> str:
+    if m := re.match(r"^(stem\.\d+|final_conv)\.(.+)$", key):
+        return f"{m[1]}.{_rename(m[2], _MOBILEONE['timm'], True)}"
+    if key.startswith("head."):
+        return key
+    if m := re.match(r"^stages\.(\d+)\.(.+)$", key):
+        stage, rest = m[1], m[2]
+        if d := re.match(r"^downsample\.proj\.([01])\.(.+)$", rest):
+            part, pairs = ("spatial", _LARGE_KERNEL["timm"]) if d[1] == "0" else ("pointwise", _MOBILEONE["timm"])
+            return f"stages.{stage}.downsample.{part}.{_rename(d[2], pairs, True)}"
+        if p := re.match(r"^pos_emb\.(.+)$", rest):
+            return f"stages.{stage}.pos_embed.{_rename(p[1], _POS_EMBED['timm'], True)}"
+        if b := re.match(r"^blocks\.(\d+)\.(.+)$", rest):
+            return f"stages.{stage}.blocks.{b[1]}.{_rename(b[2], _BLOCK['timm'], True)}"
+    raise ValueError(f"not a FastViT tensor name in timm's layout: {key!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# Layout detection and conversion
+# ----------------------------------------------------------------------------------------
+
+
+def extract_tower_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """The tower's tensors of a whole-model state dict without their prefix, and that prefix.
+
+    A state dict of the tower alone comes back unchanged with prefix "".
+    """
+    for prefix in TOWER_PREFIXES.values():
+        if any(k.startswith(prefix) for k in state_dict):
+            return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix
+    return dict(state_dict), ""
+
+
+def detect_tower_layout(keys: Iterable[str]) -> str:
+    """Name the layout ("fastvlm", "apple" or "timm") of un-prefixed tower keys."""
+    keys = list(keys)
+    first = {k.split(".")[0] for k in keys}
+    if first & {"patch_embed", "network", "conv_exp"}:
+        return "apple"
+    if any(".downsample.proj." in k or ".pos_emb." in k or k.endswith(".gamma") or ".se.fc1." in k for k in keys):
+        return "timm"
+    if any(".downsample.spatial." in k or ".pos_embed." in k or ".se.reduce." in k for k in keys):
+        return "fastvlm"
+    sample = ", ".join(sorted(keys)[:3]) or "no tensors"
+    raise ValueError(
+        "cannot tell the layout of this vision-tower state dict: expected the authors' keys "
+        "(patch_embed.*, network.N.*, conv_exp.*), timm's (stem.*, stages.N.*, final_conv.se.fc1.*) "
+        f"or ours (stem.*, stages.N.*, final_conv.se.reduce.*); got {sample}"
+    )
+
+
+def tower_keys_to_ours(keys: Iterable[str], layout: str) -> dict[str, str]:
+    """Map each un-prefixed key of ``layout`` to our name ({theirs: ours})."""
+    keys = list(keys)
+    if layout == "fastvlm":
+        for key in keys:
+            if not _OURS_UNIT.match(key):
+                raise ValueError(f"not a FastViT tensor name in our layout: {key!r}")
+        return {k: k for k in keys}
+    if layout == "apple":
+        table = _network_table_from_apple_keys(keys)
+        return {k: _from_apple(k, table) for k in keys}
+    if layout == "timm":
+        return {k: _from_timm(k) for k in keys}
+    raise ValueError(f"unknown tower layout {layout!r}; expected one of {TOWER_LAYOUTS}")
+
+
+def convert_tower_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    to: str,
+    *,
+    prefix: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Rename a tower state dict (any layout, prefixed or not) into layout ``to``.
+
+    Tensors are passed through untouched (no copy). With ``prefix=True`` the keys get
+    the prefix the tower has inside a whole FastVLM checkpoint of that layout.
+    """
+    if to not in TOWER_LAYOUTS:
+        raise ValueError(f"unknown tower layout {to!r}; expected one of {TOWER_LAYOUTS}")
+    tensors, _ = extract_tower_state_dict(state_dict)
+    names = tower_keys_to_ours(tensors, detect_tower_layout(tensors))
+    ours = {names[k]: v for k, v in tensors.items()}
+    if to == "fastvlm":
+        out = ours
+    else:
+        config = infer_tower_config(ours)
+        table = network_table(config)
+        out = {_to_foreign(k, to, table): v for k, v in ours.items()}
+    if prefix:
+        out = {TOWER_PREFIXES[to] + k: v for k, v in out.items()}
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Config inference and strict loading
+# ----------------------------------------------------------------------------------------
+
+
+def _shape(sd: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...] | None:
+    t = sd.get(key)
+    return tuple(t.shape) if t is not None else None
+
+
+def infer_tower_config(ours: Mapping[str, torch.Tensor], keep_head: bool = False) -> FastViTConfig:
+    """Read a :class:`FastViTConfig` off a state dict in our layout."""
+    stages = sorted({int(m[1]) for k in ours if (m := re.match(r"^stages\.(\d+)\.", k))})
+    if not stages or stages != list(range(len(stages))):
+        raise ValueError(f"tower state dict has stages {stages}; expected 0..N-1 with N >= 1")
+    inference = "stem.0.reparam_conv.weight" in ours
+    if not inference and "stem.0.conv_branches.0.conv.weight" not in ours:
+        raise ValueError(
+            "tower state dict has neither stem.0.reparam_conv.weight (inference form) nor "
+            "stem.0.conv_branches.0.conv.weight (training form)"
+        )
+    depths, widths, mixers, pos, ratios = [], [], [], [], []
+    for s in stages:
+        blocks = {int(m[1]) for k in ours if (m := re.match(rf"^stages\.{s}\.blocks\.(\d+)\.", k))}
+        if not blocks:
+            raise ValueError(f"stage {s} of the tower state dict has no blocks")
+        depths.append(max(blocks) + 1)
+        fc1 = _shape(ours, f"stages.{s}.blocks.0.mlp.fc1.weight")
+        if fc1 is None:
+            raise ValueError(f"missing tensor stages.{s}.blocks.0.mlp.fc1.weight (needed to read stage {s}'s width)")
+        widths.append(fc1[1])
+        ratios.append(fc1[0] / fc1[1])
+        mixers.append("attention" if f"stages.{s}.blocks.0.token_mixer.qkv.weight" in ours else "repmixer")
+        pos.append(any(k.startswith(f"stages.{s}.pos_embed.") for k in ours))
+
+    def kernel_side(default: int, *keys: str) -> int:
+        """Last dim of the first of ``keys`` present (a square kernel's side), else ``default``."""
+        shapes = [_shape(ours, k) for k in keys]
+        return next((shape[-1] for shape in shapes if shape is not None), default)
+
+    branch = "reparam_conv" if inference else "conv_branches.0.conv"
+    final = _shape(ours, f"final_conv.{branch}.weight")
+    if final is None:
+        raise ValueError(f"missing tensor final_conv.{branch}.weight")
+    # The first stage that has each kind of layer (stage indices absent from the keys read as absent).
+    rep = f"stages.{mixers.index('repmixer') if 'repmixer' in mixers else -1}.blocks.0.token_mixer"
+    cpe = f"stages.{pos.index(True) if True in pos else -1}.pos_embed"
+    down = "stages.1.downsample.spatial"
+    head = _shape(ours, "head.proj")
+    return FastViTConfig(
+        depths=tuple(depths),
+        widths=tuple(widths),
+        token_mixers=tuple(mixers),
+        pos_embeds=tuple(pos),
+        mlp_ratios=tuple(ratios),
+        cls_ratio=final[0] / widths[-1],
+        repmixer_kernel=kernel_side(3, f"{rep}.reparam_conv.weight", f"{rep}.mixer.conv_branches.0.conv.weight"),
+        pos_embed_kernel=kernel_side(7, f"{cpe}.reparam_conv.weight", f"{cpe}.pos_conv.weight"),
+        down_kernel=kernel_side(7, f"{down}.reparam_conv.weight", f"{down}.large_conv.conv.weight"),
+        down_small_kernel=kernel_side(3, f"{down}.small_conv.conv.weight"),
+        stem_scale_branch="stem.0.scale_branch.conv.weight" in ours,
+        projection_dim=head[1] if keep_head and head else None,
+        inference_mode=inference,
+    )
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a ``.bin``/``.pt`` file loaded with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_safetensors_atomic(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a .safetensors file so that a crash never leaves a half-written file at ``path``.
+
+    The tensors go to a temporary file in the same folder, which is then renamed over
+    ``path`` (an atomic step on POSIX file systems).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _describe(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def load_tower_state_dict(
+    cls: type[FastViT],
+    state_dict: Mapping[str, torch.Tensor] | str | os.PathLike,
+    *,
+    config: FastViTConfig | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = torch.float32,
+) -> FastViT:
+    """Implementation of :meth:`FastViT.from_state_dict` (strict, with named errors)."""
+    if isinstance(state_dict, (str, os.PathLike)):
+        state_dict = read_state_dict(state_dict)
+    tensors, prefix = extract_tower_state_dict(state_dict)
+    layout = detect_tower_layout(tensors)
+    names = tower_keys_to_ours(tensors, layout)
+    original = {ours: prefix + theirs for theirs, ours in names.items()}
+    ours = {names[k]: v for k, v in tensors.items()}
+    keep_head = config is not None and config.projection_dim is not None
+    if not keep_head:
+        ours.pop("head.proj", None)
+    config = config or infer_tower_config(ours)
+
+    with torch.device("meta"):
+        model = cls(config)
+    expected = model.state_dict()
+    table = network_table(config)
+
+    def theirs(key: str) -> str:
+        if key in original:
+            return original[key]
+        return prefix + (key if layout == "fastvlm" else _to_foreign(key, layout, table))
+
+    missing = [k for k in expected if k not in ours and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in ours if k not in expected]
+    mismatched = [
+        f"{theirs(k)}: checkpoint {list(ours[k].shape)} vs model {list(expected[k].shape)}"
+        for k in expected
+        if k in ours and ours[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_describe([theirs(k) for k in missing])}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_describe([theirs(k) for k in unexpected])}")
+    if mismatched:
+        problems.append(f"tensors with the wrong shape: {_describe(mismatched)}")
+    if problems:
+        details = "\n  ".join(problems)
+        raise ValueError(f"vision tower checkpoint ({layout} layout) does not fit {config}:\n  {details}")
+
+    loaded = {}
+    for key in expected:
+        value = ours.get(key)
+        if value is None:  # num_batches_tracked: a training counter, irrelevant to the output
+            value = torch.zeros((), dtype=torch.long)
+        if value.is_floating_point() and dtype is not None:
+            value = value.to(dtype)
+        loaded[key] = value.to(device) if device is not None else value
+    model.load_state_dict(loaded, strict=True, assign=True)
+    return model.eval()

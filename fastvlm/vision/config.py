@@ -1,0 +1,96 @@
+"""Architecture description of a FastViT-family vision tower.
+
+One frozen dataclass holds every number that changes the set of tensors or the
+computation, so that a tower can be rebuilt from its config alone and a config can be
+inferred back from a state dict (see :func:`fastvlm.checkpoints.infer_tower_config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+TOKEN_MIXERS = ("repmixer", "attention")
+
+
+@dataclass(frozen=True)
+class FastViTConfig:
+    """Stage layout of a FastViT tower.
+
+    The tower is a stride-4 stem followed by ``len(depths)`` stages; every stage after
+    the first begins with a stride-2 patch embedding, so the output stride is
+    ``4 * 2 ** (len(depths) - 1)`` (64 for FastViTHD). A final depthwise expansion conv
+    (``conv_exp`` in the authors' code) widens the last stage by ``cls_ratio``.
+    """
+
+    depths: tuple[int, ...] = (2, 12, 24, 4, 2)
+    widths: tuple[int, ...] = (96, 192, 384, 768, 1536)
+    token_mixers: tuple[str, ...] = ("repmixer", "repmixer", "repmixer", "attention", "attention")
+    # A RepCPE (7x7 depthwise conditional positional encoding) runs before these stages.
+    pos_embeds: tuple[bool, ...] = (False, False, False, True, True)
+    mlp_ratios: tuple[float, ...] = (4.0, 4.0, 4.0, 4.0, 4.0)
+    cls_ratio: float = 2.0
+    head_dim: int = 32
+    repmixer_kernel: int = 3
+    pos_embed_kernel: int = 7
+    down_kernel: int = 7
+    down_small_kernel: int = 3
+    # The authors' FastViTHD stem has no 1x1 "scale" branch in its training form.
+    stem_scale_branch: bool = False
+    layer_scale_init: float = 1e-5
+    # Output width of the CLIP image head (``head.proj``); None when the tower has none.
+    projection_dim: int | None = None
+    # True: re-parameterised single-conv form (released checkpoints). False: training form.
+    inference_mode: bool = True
+
+    def __post_init__(self) -> None:
+        n = len(self.depths)
+        for name in ("widths", "token_mixers", "pos_embeds", "mlp_ratios"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"FastViTConfig.{name} has {len(getattr(self, name))} entries, expected one per stage ({n})"
+                )
+        bad = [m for m in self.token_mixers if m not in TOKEN_MIXERS]
+        if bad:
+            raise ValueError(f"unknown token mixer(s) {bad}; expected one of {TOKEN_MIXERS}")
+        if self.pos_embeds[0]:
+            raise ValueError("a positional encoding before stage 0 is not supported")
+        for width, mixer in zip(self.widths, self.token_mixers, strict=True):
+            if mixer == "attention" and width % self.head_dim:
+                raise ValueError(f"attention stage width {width} is not a multiple of head_dim {self.head_dim}")
+
+    @property
+    def stride(self) -> int:
+        """Total downsampling factor of the tower (input side / feature-map side)."""
+        return 4 * 2 ** (len(self.depths) - 1)
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the returned feature map (``conv_exp`` output)."""
+        return int(self.widths[-1] * self.cls_ratio)
+
+    def num_tokens(self, image_size: int) -> int:
+        """Visual tokens for a square input of side ``image_size``."""
+        side = image_size // self.stride
+        return side * side
+
+    def replace(self, **changes) -> FastViTConfig:
+        values = asdict(self)
+        values.update(changes)
+        return FastViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> FastViTConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown FastViTConfig field(s): {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def fastvithd_config(**overrides) -> FastViTConfig:
+    """FastViTHD as in the paper and the released FastVLM checkpoints (``mobileclip_l``)."""
+    return FastViTConfig(**overrides)

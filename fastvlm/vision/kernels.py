@@ -1,0 +1,128 @@
+"""Fused kernels for the fused tower: conv/matmul with GELU or a residual add in the epilogue.
+
+Most of FastViTHD's compute is 1x1 convolutions (the ConvFFN expand/project pairs).
+On a channels-last tensor a 1x1 conv is a matmul over the NHWC view, so the fused
+tower runs them as :class:`FusedLinear`. On CPU, PyTorch's oneDNN backend then
+(a) applies the GELU or adds the residual inside the matmul's output loop, saving a
+full pass over the tower's largest activations, and (b) uses weights re-laid-out once
+for its kernels instead of on every call, which matters most for the deep stages whose
+maps are small (4x4 at 256 px) and whose weights are large. These are the same oneDNN
+ops that ``torch.compile`` (inductor) emits for such patterns; calling them directly
+means the fused tower needs no compilation step.
+
+Everywhere else (GPU, other dtypes, autograd, a torch build without oneDNN) the plain
+PyTorch ops run. Both paths compute the same function up to float rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def onednn_fusion_available() -> bool:
+    """True when this torch build runs oneDNN's fused epilogues correctly (checked once, on tiny inputs)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x = torch.randn(1, 2, 3, 8)
+        w, b = torch.randn(4, 8), torch.randn(4)
+        res = torch.randn(1, 2, 3, 4)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 6)
+        gelu = torch.ops.mkldnn._linear_pointwise(x, packed, b, "gelu", [], "none")
+        added = torch.ops.mkldnn._linear_pointwise.binary(x, res, packed, b, "add")
+        conv = torch.ops.mkldnn._convolution_pointwise(
+            x.permute(0, 3, 1, 2), w[:, :, None, None], b, [0, 0], [1, 1], [1, 1], 1, "gelu", [], "none"
+        )
+        ref = F.linear(x, w, b)
+        return bool(
+            torch.allclose(gelu, F.gelu(ref), atol=1e-5)
+            and torch.allclose(added, ref + res, atol=1e-5)
+            and torch.allclose(conv.permute(0, 2, 3, 1), F.gelu(ref), atol=1e-5)
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _use_onednn(x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _ONEDNN_DTYPES
+        and not torch.is_grad_enabled()
+        and onednn_fusion_available()
+    )
+
+
+def conv_gelu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """GELU(conv(x)) with exact (erf) GELU, in one oneDNN kernel where possible."""
+    if _use_onednn(x):
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, "gelu", [], "none"
+        )
+    return F.gelu(conv(x))
+
+
+class FusedLinear(nn.Module):
+    """y = x W^T + b over the last axis, optionally followed by GELU or plus a residual.
+
+    The oneDNN copy of the weight is made on first use and remade whenever the weight
+    changes (device, dtype or values); it is never saved or copied with the module.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self._packed: tuple[tuple, torch.Tensor] | None = None
+
+    @classmethod
+    def from_module(cls, module: nn.Conv2d | nn.Linear) -> FusedLinear:
+        """From a 1x1 Conv2d (groups 1) or a Linear."""
+        if isinstance(module, nn.Conv2d) and (
+            module.kernel_size != (1, 1) or module.groups != 1 or module.stride != (1, 1)
+        ):
+            raise ValueError(f"only a 1x1, stride-1, ungrouped conv is a linear map; got {module}")
+        return cls(module.weight.flatten(1), module.bias)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_packed": None}  # the oneDNN copy is opaque: rebuild it on use
+
+    def _packed_weight(self, tokens: int) -> torch.Tensor:
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w, tokens))
+        return self._packed[1]
+
+    def forward(self, x: torch.Tensor, *, gelu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if gelu and residual is not None:
+            raise ValueError("FusedLinear applies GELU or adds a residual, not both")
+        if _use_onednn(x) and (residual is None or residual.dtype == x.dtype):
+            x = x.contiguous()
+            weight = self._packed_weight(x.numel() // x.shape[-1])
+            if residual is not None:
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual.contiguous(), weight, self.bias, "add")
+            return torch.ops.mkldnn._linear_pointwise(
+                x, weight, self.bias, "gelu" if gelu else "none", [], "none" if gelu else ""
+            )
+        y = F.linear(x, self.weight, self.bias)
+        if gelu:
+            return F.gelu(y)
+        return y if residual is None else y + residual
+
+
+def pointwise_conv(
+    linear: FusedLinear, x: torch.Tensor, *, gelu: bool = False, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A 1x1 conv on an NCHW tensor as a matmul over its NHWC view (free when x is channels-last).
+
+    The result is NCHW-shaped and channels-last in memory.
+    """
+    res = residual.permute(0, 2, 3, 1) if residual is not None else None
+    return linear(x.permute(0, 2, 3, 1), gelu=gelu, residual=res).permute(0, 3, 1, 2)

@@ -1,0 +1,68 @@
+"""The ``fastvlm`` command line: info, convert-tower, bench-encoder; clean errors, no partial files."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from fastvlm.cli import main
+from fastvlm.vision import FastViTHD
+from tests.conftest import fixture_path
+
+
+def test_info_describes_a_transformers_checkpoint(capsys):
+    assert main(["info", str(fixture_path("hf_fastvlm_tiny", "model.safetensors"))]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layout"] == "timm"
+    assert report["prefix"] == "model.vision_tower.timm_model."
+    assert report["form"] == "inference"
+    assert report["config"]["depths"] == [1, 2, 2, 1, 1]
+
+
+def test_convert_tower_reparameterizes_and_renames(tmp_path, capsys):
+    out = tmp_path / "tower_timm.safetensors"
+    src = fixture_path("apple_tower_tiny_train", "model.safetensors")
+    assert main(["convert-tower", str(src), str(out), "--layout", "timm", "--reparameterize"]) == 0
+    converted = load_file(out)
+    assert "final_conv.se.fc1.weight" in converted and "stem.0.reparam_conv.weight" in converted
+    reference = load_file(fixture_path("apple_tower_tiny_train", "reparameterized.safetensors"))
+    golden = load_file(fixture_path("apple_tower_tiny_train", "golden.safetensors"))
+    a = FastViTHD.from_state_dict(converted)
+    b = FastViTHD.from_state_dict(reference)
+    with torch.no_grad():
+        diff = (a(golden["pixel_values"]) - b(golden["pixel_values"])).abs().max().item()
+    assert diff <= 1e-4 * max(1.0, golden["image_embeddings_reparameterized"].abs().max().item())
+
+
+def test_convert_refuses_to_overwrite_and_leaves_no_partial_file(tmp_path, capsys):
+    src = fixture_path("apple_tower_tiny", "model.safetensors")
+    out = tmp_path / "t.safetensors"
+    out.write_bytes(b"keep me")
+    assert main(["convert-tower", str(src), str(out), "--layout", "apple"]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+
+    broken = tmp_path / "broken.safetensors"
+    tensors = load_file(src)
+    del tensors["conv_exp.se.reduce.bias"]
+    from safetensors.torch import save_file
+
+    save_file(tensors, broken)
+    target = tmp_path / "never.safetensors"
+    assert main(["convert-tower", str(broken), str(target), "--layout", "timm", "--reparameterize"]) == 2
+    err = capsys.readouterr().err
+    assert "missing tensors: conv_exp.se.reduce.bias" in err and "Traceback" not in err
+    assert sorted(tmp_path.iterdir()) == sorted([out, broken])  # no output, no temporary left behind
+
+
+def test_missing_file_is_one_line_error(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastvlm info: error: checkpoint file not found") and "Traceback" not in err
+
+
+def test_bench_encoder_rejects_bad_resolution(capsys):
+    assert main(["bench-encoder", "--resolutions", "100"]) == 2
+    assert "not a positive multiple of 64" in capsys.readouterr().err

@@ -1,0 +1,79 @@
+"""Fused epilogues: same results as plain ops, safe to copy, pickle and re-cast."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastvlm.vision.kernels import FusedLinear, conv_gelu, onednn_fusion_available, pointwise_conv
+from tests.conftest import assert_close_to_reference
+
+
+def test_onednn_fusion_is_available_on_this_cpu_build():
+    # CI runs the CPU wheel of torch, which ships oneDNN; the fused path must really run there.
+    assert onednn_fusion_available()
+
+
+def test_fused_linear_gelu_and_residual_match_plain_ops():
+    lin = nn.Linear(32, 48)
+    fused = FusedLinear.from_module(lin)
+    x = torch.randn(2, 5, 7, 32)
+    res = torch.randn(2, 5, 7, 48)
+    with torch.inference_mode():
+        assert_close_to_reference(fused(x), lin(x))
+        assert_close_to_reference(fused(x, gelu=True), F.gelu(lin(x)))
+        assert_close_to_reference(fused(x, residual=res), lin(x) + res)
+    with torch.enable_grad():  # grad mode takes the plain-PyTorch path: same numbers
+        assert_close_to_reference(fused(x, gelu=True).detach(), F.gelu(lin(x)).detach())
+
+
+def test_pointwise_conv_equals_a_1x1_conv_on_any_memory_format():
+    conv = nn.Conv2d(16, 24, 1)
+    fused = FusedLinear.from_module(conv)
+    x = torch.randn(2, 16, 6, 5)
+    res = torch.randn(2, 24, 6, 5)
+    with torch.inference_mode():
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            out = pointwise_conv(fused, inp, residual=res)
+            assert out.shape == (2, 24, 6, 5)
+            assert_close_to_reference(out, conv(x) + res)
+
+
+def test_conv_gelu_equals_conv_then_gelu():
+    conv = nn.Conv2d(8, 16, 7, 2, 3, groups=8)
+    x = torch.randn(1, 8, 20, 20).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert_close_to_reference(conv_gelu(conv, x), F.gelu(conv(x)))
+
+
+def test_packed_weight_is_rebuilt_when_the_weight_changes_and_never_copied():
+    fused = FusedLinear.from_module(nn.Linear(8, 8))
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        first = fused(x)
+    assert fused._packed is not None
+    clone = copy.deepcopy(fused)  # an opaque oneDNN tensor cannot be deep-copied: it must be dropped
+    assert clone._packed is None
+    torch.save(fused, io.BytesIO())  # saving a used module must not trip over the opaque tensor
+    assert pickle.loads(pickle.dumps(fused))._packed is None
+    with torch.no_grad():
+        fused.weight.mul_(2)
+    with torch.inference_mode():
+        second = fused(x)
+    assert_close_to_reference(second - fused.bias, 2 * (first - fused.bias))
+    fused.to(torch.bfloat16)
+    with torch.inference_mode():
+        assert fused(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_state_dict_of_fused_linear_is_plain_tensors():
+    fused = FusedLinear.from_module(nn.Conv2d(4, 6, 1))
+    with torch.inference_mode():
+        fused(torch.randn(2, 4))
+    sd = fused.state_dict()
+    assert set(sd) == {"weight", "bias"} and sd["weight"].shape == (6, 4) and not sd["weight"].is_mkldnn
