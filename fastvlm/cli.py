@@ -103,9 +103,9 @@ def cmd_bench_encoder(args: argparse.Namespace) -> None:
     for r in resolutions:
         if r <= 0 or r % 64:
             raise CLIError(f"resolution {r} is not a positive multiple of 64 (the FastViTHD stride)")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.gpu_dtype]
+    dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.fused_dtype]
     rows = run_encoder_benchmark(
-        resolutions, devices, batch=args.batch, repeats=repeats, warmup=args.warmup, gpu_dtype=dtype
+        resolutions, devices, batch=args.batch, repeats=repeats, warmup=args.warmup, fused_dtype=dtype
     )
     meta = machine_description() | {"repeats": repeats, "warmup": args.warmup}
     print(
@@ -153,7 +153,10 @@ def add_bench_encoder_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
-        "--gpu-dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the fused form on GPU"
+        "--fused-dtype",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="dtype of the fused form (auto: fp32 on CPU, bf16 on GPU; bf16 is also fast on CPUs with AVX512-BF16)",
     )
     p.add_argument("--quick", action="store_true", help="256 and 512 px, 3 repeats")
     p.add_argument("--json", help="also write the rows and machine description to this JSON file")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvlm.vision.kernels import FusedLinear, conv_gelu, pointwise_conv
+from fastvlm.vision.kernels import FusedLinear, as_depthwise, conv_gelu, pointwise_conv, repeat_channels
 
 # --------------------------------------------------------------------------------------
 # Re-parameterisation arithmetic
@@ -172,6 +172,7 @@ class MobileOneBlock(nn.Module):
         self.act = nn.GELU() if activation else nn.Identity()
         self.fused = False
         self.linear: FusedLinear | None = None  # the fused form of a 1x1 block
+        self.channel_repeat = 1  # the fused form of a channel-multiplier depthwise block
         if inference_mode:
             self.reparam_conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, groups=groups)
             return
@@ -197,6 +198,8 @@ class MobileOneBlock(nn.Module):
         gelu = isinstance(self.act, nn.GELU)
         if self.linear is not None:
             return pointwise_conv(self.linear, x, gelu=gelu)
+        if self.channel_repeat > 1:
+            x = repeat_channels(x, self.channel_repeat)
         if self.fused and gelu and isinstance(self.se, nn.Identity):
             return conv_gelu(self.reparam_conv, x)
         return self.act(self.se(self.branch_sum(x)))
@@ -210,6 +213,8 @@ class MobileOneBlock(nn.Module):
         if plain_1x1 and isinstance(self.se, nn.Identity):
             self.linear = FusedLinear.from_module(conv)
             del self.reparam_conv
+        else:
+            self.reparam_conv, self.channel_repeat = as_depthwise(conv)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) of the single conv equal to the sum of the branches."""
@@ -261,6 +266,7 @@ class LargeKernelConv(nn.Module):
         self.in_ch, self.out_ch, self.kernel_size, self.stride = in_ch, out_ch, kernel_size, stride
         self.act = nn.GELU()
         self.fused = False
+        self.channel_repeat = 1  # fused form: input channels repeated to make the conv depthwise
         if inference_mode:
             self.reparam_conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, groups=in_ch)
             return
@@ -270,7 +276,7 @@ class LargeKernelConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            return conv_gelu(self.reparam_conv, x)
+            return conv_gelu(self.reparam_conv, repeat_channels(x, self.channel_repeat))
         if self.reparam_conv is not None:
             out = self.reparam_conv(x)
         else:
@@ -291,9 +297,10 @@ class LargeKernelConv(nn.Module):
         del self.large_conv, self.small_conv
 
     def fuse(self) -> None:
-        """Re-parameterise and compute conv + GELU in one kernel where the backend can."""
+        """Re-parameterise; compute conv + GELU in one kernel, as a true depthwise conv."""
         self.reparameterize()
         self.fused = True
+        self.reparam_conv, self.channel_repeat = as_depthwise(self.reparam_conv)
 
 
 class RepMixer(nn.Module):
