@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -363,6 +363,57 @@ def save_safetensors_atomic(
         raise
 
 
+def check_state_dict(
+    expected: Mapping[str, torch.Tensor],
+    provided: Mapping[str, torch.Tensor],
+    name_of: Callable[[str], str],
+    *,
+    what: str,
+    optional: Callable[[str], bool] = lambda key: key.endswith("num_batches_tracked"),
+) -> None:
+    """Raise a ValueError listing missing, unexpected and mis-shaped tensors.
+
+    Keys are ours; ``name_of`` spells them as the checkpoint does, so that the message
+    names tensors the user can find in their file. ``optional`` keys may be missing.
+    """
+    missing = [k for k in expected if k not in provided and not optional(k)]
+    unexpected = [k for k in provided if k not in expected]
+    mismatched = [
+        f"{name_of(k)}: checkpoint {list(provided[k].shape)} vs model {list(expected[k].shape)}"
+        for k in expected
+        if k in provided and provided[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_describe([name_of(k) for k in missing])}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_describe([name_of(k) for k in unexpected])}")
+    if mismatched:
+        problems.append(f"tensors with the wrong shape: {_describe(mismatched)}")
+    if problems:
+        details = "\n  ".join(problems)
+        raise ValueError(f"{what}:\n  {details}")
+
+
+def materialize(
+    expected: Mapping[str, torch.Tensor],
+    provided: Mapping[str, torch.Tensor],
+    *,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> dict[str, torch.Tensor]:
+    """The tensors to assign into a meta-built model: cast, moved, with absent counters as zeros."""
+    out = {}
+    for key in expected:
+        value = provided.get(key)
+        if value is None:  # num_batches_tracked: a training counter, irrelevant to the output
+            value = torch.zeros((), dtype=torch.long)
+        if value.is_floating_point() and dtype is not None:
+            value = value.to(dtype)
+        out[key] = value.to(device) if device is not None else value
+    return out
+
+
 def _describe(names: list[str], limit: int = 12) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
@@ -391,7 +442,6 @@ def load_tower_state_dict(
 
     with torch.device("meta"):
         model = cls(config)
-    expected = model.state_dict()
     table = network_table(config)
 
     def theirs(key: str) -> str:
@@ -399,31 +449,156 @@ def load_tower_state_dict(
             return original[key]
         return prefix + (key if layout == "fastvlm" else _to_foreign(key, layout, table))
 
-    missing = [k for k in expected if k not in ours and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in ours if k not in expected]
-    mismatched = [
-        f"{theirs(k)}: checkpoint {list(ours[k].shape)} vs model {list(expected[k].shape)}"
-        for k in expected
-        if k in ours and ours[k].shape != expected[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_describe([theirs(k) for k in missing])}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_describe([theirs(k) for k in unexpected])}")
-    if mismatched:
-        problems.append(f"tensors with the wrong shape: {_describe(mismatched)}")
-    if problems:
-        details = "\n  ".join(problems)
-        raise ValueError(f"vision tower checkpoint ({layout} layout) does not fit {config}:\n  {details}")
-
-    loaded = {}
-    for key in expected:
-        value = ours.get(key)
-        if value is None:  # num_batches_tracked: a training counter, irrelevant to the output
-            value = torch.zeros((), dtype=torch.long)
-        if value.is_floating_point() and dtype is not None:
-            value = value.to(dtype)
-        loaded[key] = value.to(device) if device is not None else value
-    model.load_state_dict(loaded, strict=True, assign=True)
+    expected = model.state_dict()
+    check_state_dict(expected, ours, theirs, what=f"vision tower checkpoint ({layout} layout) does not fit {config}")
+    model.load_state_dict(materialize(expected, ours, device=device, dtype=dtype), strict=True, assign=True)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------
+# Whole FastVLM checkpoints (folders): formats, files, key maps
+# ----------------------------------------------------------------------------------------
+
+MODEL_FORMATS = ("fastvlm", "apple", "hf")
+_TOWER_LAYOUT_OF_FORMAT = {"fastvlm": "fastvlm", "apple": "apple", "hf": "timm"}
+_MODEL_TYPES = {"llava_qwen2": "apple", "fast_vlm": "hf", "fastvlm": "fastvlm"}
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "*.jinja", "tokenizer*"]
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
+    """A local checkpoint folder, downloading a Hugging Face Hub id (``owner/name``) if needed.
+
+    Offline (no network, or ``HF_HUB_OFFLINE=1``) a hub id works only from the local
+    cache; otherwise this raises a ``FileNotFoundError`` saying so.
+    """
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_id)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(f"checkpoint folder not found: {path} (expected a folder or a hub id owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=WEIGHT_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"cannot download {text!r} from the Hugging Face Hub: this machine is offline (or HF_HUB_OFFLINE is "
+            "set) and the hub cache has no copy; download it on a connected machine "
+            f"(`huggingface-cli download {text}`) or pass a local folder"
+        ) from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"no model {text!r} on the Hugging Face Hub (or it is private)") from None
+    except (HfHubHTTPError, OSError) as err:
+        raise FileNotFoundError(f"cannot download {text!r} from the Hugging Face Hub: {err}") from None
+
+
+def read_config(folder: Path) -> tuple[dict, str]:
+    """config.json of a checkpoint folder and its format ("apple", "hf" or "fastvlm")."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; is it a FastVLM checkpoint folder?")
+    import json
+
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON: {err}") from None
+    model_type = config.get("model_type")
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(
+            f"{config_path}: model_type {model_type!r} is not a FastVLM checkpoint; expected one of "
+            f"{sorted(_MODEL_TYPES)} (the authors' llava_qwen2, transformers' fast_vlm, or ours)"
+        )
+    return config, _MODEL_TYPES[model_type]
+
+
+def read_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder: model.safetensors, sharded safetensors (with an index) or pytorch_model*.bin."""
+    import json
+
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} names shard files that are missing: {', '.join(missing)}")
+            tensors: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                tensors.update(read_state_dict(folder / shard))
+            return tensors
+    for pattern in ("model.safetensors", "model*.safetensors", "pytorch_model.bin", "pytorch_model*.bin"):
+        files = sorted(folder.glob(pattern))
+        if files:
+            tensors = {}
+            for file in files:
+                tensors.update(read_state_dict(file))
+            return tensors
+    raise FileNotFoundError(f"{folder} has no weights (model.safetensors, model*.safetensors or pytorch_model*.bin)")
+
+
+def _llm_to_ours(key: str, fmt: str) -> str | None:
+    if fmt == "apple" and key.startswith("model."):
+        return "language_model.model." + key[len("model.") :]
+    if fmt == "hf" and key.startswith("model.language_model."):
+        return "language_model.model." + key[len("model.language_model.") :]
+    if key == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    return None
+
+
+def _projector_to_ours(key: str, fmt: str) -> str | None:
+    if fmt == "apple" and (m := re.match(r"^model\.mm_projector\.(\d+)\.(weight|bias)$", key)):
+        if int(m[1]) % 2:
+            raise ValueError(f"unexpected tensor {key!r}: mm_projector has Linear layers at even indices only")
+        return f"projector.linear_{int(m[1]) // 2 + 1}.{m[2]}"
+    if fmt == "hf" and (m := re.match(r"^model\.multi_modal_projector\.(linear_\d+\.(?:weight|bias))$", key)):
+        return f"projector.{m[1]}"
+    return None
+
+
+def model_keys_to_ours(keys: Iterable[str], fmt: str) -> dict[str, str]:
+    """{checkpoint key: our key} for a whole-model checkpoint of format ``fmt``."""
+    keys = list(keys)
+    if fmt == "fastvlm":
+        return {k: k for k in keys}
+    tower_prefix = TOWER_PREFIXES["apple" if fmt == "apple" else "timm"]
+    tower_keys = [k[len(tower_prefix) :] for k in keys if k.startswith(tower_prefix)]
+    tower_map = tower_keys_to_ours(tower_keys, _TOWER_LAYOUT_OF_FORMAT[fmt]) if tower_keys else {}
+    out = {}
+    for key in keys:
+        if key.startswith(tower_prefix):
+            out[key] = "vision_tower." + tower_map[key[len(tower_prefix) :]]
+        elif (ours := _projector_to_ours(key, fmt)) is not None or (ours := _llm_to_ours(key, fmt)) is not None:
+            out[key] = ours
+        else:
+            raise ValueError(f"unexpected tensor {key!r} in a {fmt}-format FastVLM checkpoint")
+    return out
+
+
+def model_keys_from_ours(keys: Iterable[str], fmt: str, tower_config: FastViTConfig) -> dict[str, str]:
+    """{our key: checkpoint key} for writing a whole-model checkpoint in format ``fmt``."""
+    if fmt == "fastvlm":
+        return {k: k for k in keys}
+    layout = _TOWER_LAYOUT_OF_FORMAT[fmt]
+    table = network_table(tower_config)
+    out = {}
+    for key in keys:
+        if key.startswith("vision_tower."):
+            out[key] = TOWER_PREFIXES[layout] + _to_foreign(key[len("vision_tower.") :], layout, table)
+        elif m := re.match(r"^projector\.linear_(\d+)\.(weight|bias)$", key):
+            out[key] = (
+                f"model.mm_projector.{2 * (int(m[1]) - 1)}.{m[2]}"
+                if fmt == "apple"
+                else f"model.multi_modal_projector.{key[len('projector.') :]}"
+            )
+        elif key == "language_model.lm_head.weight":
+            out[key] = "lm_head.weight"
+        elif key.startswith("language_model.model."):
+            rest = key[len("language_model.model.") :]
+            out[key] = ("model." if fmt == "apple" else "model.language_model.") + rest
+        else:
+            raise ValueError(f"not a FastVLM tensor name in our layout: {key!r}")
+    return out

@@ -1,6 +1,9 @@
 """The ``fastvlm`` command line.
 
 Subcommands:
+  predict --model M --image F --prompt P   answer a question about an image (streams; --json for details)
+  chat --model M [--image F]               an interactive conversation about an image
+  convert SRC DST --format F               rewrite a FastVLM checkpoint folder (fastvlm, apple or hf format)
   info PATH                         layout, form, architecture and size of a tower checkpoint
   convert-tower SRC DST --layout L  rewrite a tower checkpoint in another layout (optionally re-parameterised)
   bench-encoder                     FastViTHD latency, unfused vs fused (also benchmarks/encoder_latency.py)
@@ -17,6 +20,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from fastvlm.processing import DEFAULT_MAX_PIXELS
 
 
 class CLIError(Exception):
@@ -50,6 +55,91 @@ def machine_description() -> dict:
 
 
 # ------------------------------------------------------------------------------ commands
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _load_model(args: argparse.Namespace, *, fuse: bool = True):
+    from fastvlm.model import FastVLM
+
+    model = FastVLM.from_pretrained(
+        args.model, device=args.device, dtype=_DTYPES[args.dtype], fuse=fuse, image_mode=args.image_mode
+    )
+    if args.allow_large_images:
+        model.image_processor.max_pixels = None
+    if model.tokenizer is None:
+        raise CLIError(f"{args.model} has no tokenizer files; predict and chat need one")
+    return model
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from fastvlm.processing import load_image
+
+    if args.image is not None:  # fail on a bad image before spending time on the model
+        load_image(args.image, max_pixels=None if args.allow_large_images else DEFAULT_MAX_PIXELS)
+    model = _load_model(args)
+    if args.json:
+        result = model.generate(image=args.image, prompt=args.prompt, **_generation_kwargs(args))
+        print(
+            json.dumps(
+                {
+                    "text": result.text,
+                    "token_ids": result.token_ids,
+                    "finish_reason": result.finish_reason,
+                    "timings": result.timings.as_dict(),
+                },
+                indent=2,
+            )
+        )
+        return
+    stream = model.generate(image=args.image, prompt=args.prompt, stream=True, **_generation_kwargs(args))
+    for piece in stream:
+        print(piece, end="", flush=True)
+    print()
+    t = stream.result.timings
+    print(
+        f"[vision {t.vision_ms:.0f} ms, prefill {t.prefill_ms:.0f} ms, TTFT {t.ttft_ms:.0f} ms, "
+        f"{t.decode_tokens_per_s:.1f} tokens/s]",
+        file=sys.stderr,
+    )
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    model = _load_model(args)
+    session = model.chat(args.image)
+    print("Chat about the image; an empty line, 'exit' or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            break
+        if not question or question in ("exit", "quit"):
+            break
+        print("fastvlm> ", end="", flush=True)
+        for piece in session.ask(question, stream=True, **_generation_kwargs(args)):
+            print(piece, end="", flush=True)
+        print()
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from fastvlm.model import FastVLM
+
+    dst = Path(args.dst)
+    if dst.exists() and not args.overwrite:
+        raise CLIError(f"{dst} exists; pass --overwrite to replace it")
+    model = FastVLM.from_pretrained(args.src, fuse=False, dtype=_DTYPES[args.dtype] if args.dtype else None)
+    model.save_pretrained(dst, format=args.format)
+    print(f"wrote {dst} in the {args.format} format")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -126,6 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastvlm", description="FastVLM: fast vision-language inference.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("predict", help="answer a question about an image")
+    _add_model_arguments(p)
+    p.add_argument("--image", help="image file (omit for a text-only prompt)")
+    p.add_argument("--prompt", required=True, help="the question, or a full qwen_2 prompt with <image>")
+    p.add_argument("--json", action="store_true", help="print text, token ids and timings as JSON")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("chat", help="an interactive conversation about an image")
+    _add_model_arguments(p)
+    p.add_argument("--image", help="image file (omit for text-only chat)")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="rewrite a FastVLM checkpoint folder in another format")
+    p.add_argument("src", help="checkpoint folder or hub id (any format)")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--format", choices=["fastvlm", "apple", "hf"], required=True)
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="cast the weights (default: keep them as stored)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("info", help="describe a vision-tower checkpoint (.safetensors or .bin)")
     p.add_argument("path")
     p.set_defaults(func=cmd_info)
@@ -143,6 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_encoder_arguments(p)
     p.set_defaults(func=cmd_bench_encoder)
     return parser
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder (authors', transformers' or ours) or hub id")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
+    p.add_argument("--image-mode", choices=["pad", "crop"], help="pad to square (authors) or centre-crop")
+    p.add_argument("--allow-large-images", action="store_true", help="lift the 100-megapixel guard")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --temperature > 0)")
+    p.add_argument("--seed", type=int, help="seed for sampling")
 
 
 def add_bench_encoder_arguments(p: argparse.ArgumentParser) -> None:
@@ -169,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, FileNotFoundError, ValueError) as err:
         print(f"fastvlm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
     return 0
 
 

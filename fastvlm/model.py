@@ -1,0 +1,569 @@
+"""FastVLM: FastViTHD -> MLP projector -> Qwen2 decoder (transformers' ``Qwen2ForCausalLM``).
+
+Our state-dict layout: ``vision_tower.*`` (see :mod:`fastvlm.vision.fastvit`),
+``projector.linear_{1,2}.*``, ``language_model.model.*`` and ``language_model.lm_head.weight``
+(absent when tied). :mod:`fastvlm.checkpoints` maps it to the authors' ``llava_qwen2``
+layout and transformers' ``fast_vlm`` layout.
+
+Images enter the sequence at placeholders: either one ``-200`` per image (the authors'
+convention, expanded here to the image's visual tokens) or the checkpoint's image token
+id repeated once per visual token (transformers' convention).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+from fastvlm.checkpoints import (
+    check_state_dict,
+    infer_tower_config,
+    materialize,
+    model_keys_from_ours,
+    model_keys_to_ours,
+    read_checkpoint_tensors,
+    read_config,
+    resolve_checkpoint,
+    save_safetensors_atomic,
+)
+from fastvlm.processing import IMAGE_TOKEN_INDEX, ImageProcessor, PromptError
+from fastvlm.vision import FastViT, FastViTConfig
+
+# Fields of the authors' config.json that describe the multimodal wrapper rather than Qwen2.
+_APPLE_MM_FIELDS = {
+    "mm_hidden_size",
+    "mm_patch_merge_type",
+    "mm_projector_type",
+    "mm_use_im_patch_token",
+    "mm_use_im_start_end",
+    "mm_vision_select_feature",
+    "mm_vision_select_layer",
+    "mm_vision_tower",
+    "image_aspect_ratio",
+    "image_grid_pinpoints",
+    "freeze_mm_mlp_adapter",
+    "tune_mm_mlp_adapter",
+    "unfreeze_mm_vision_tower",
+    "use_mm_proj",
+    "tokenizer_model_max_length",
+    "tokenizer_padding_side",
+    "architectures",
+    "model_type",
+    "transformers_version",
+}
+
+
+@dataclass
+class FastVLMConfig:
+    """Everything needed to rebuild a FastVLM without its weights."""
+
+    text: Qwen2Config
+    vision: FastViTConfig = field(default_factory=FastViTConfig)
+    image_size: int = 1024
+    projector_depth: int = 2
+    # transformers' convention: this token id, repeated once per visual token, marks an image
+    image_token_id: int | None = None
+    image_mode: str = "pad"  # "pad" (authors) or "crop" (transformers' processor)
+    model_max_length: int | None = None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text.hidden_size
+
+    @property
+    def context_length(self) -> int:
+        limits = [self.text.max_position_embeddings, self.model_max_length]
+        return min(v for v in limits if v)
+
+    def num_image_tokens(self, image_size: int | None = None) -> int:
+        return self.vision.num_tokens(image_size or self.image_size)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    @classmethod
+    def from_checkpoint_config(cls, config: dict, fmt: str, vision: FastViTConfig, folder: Path | None = None):
+        if fmt == "apple":
+            projector = config.get("mm_projector_type", "mlp2x_gelu")
+            text = {k: v for k, v in config.items() if k not in _APPLE_MM_FIELDS}
+            tower_name = str(config.get("mm_vision_tower", "mobileclip_l_1024"))
+            try:
+                image_size = int(tower_name.rsplit("_", 1)[-1])
+            except ValueError:
+                raise ValueError(f"mm_vision_tower {tower_name!r} does not end in the input resolution") from None
+            return cls(
+                text=Qwen2Config(**text),
+                vision=vision,
+                image_size=image_size,
+                projector_depth=_projector_depth(projector),
+                image_mode="pad" if config.get("image_aspect_ratio", "pad") == "pad" else "crop",
+                model_max_length=config.get("tokenizer_model_max_length"),
+            )
+        if fmt == "hf":
+            text = dict(config["text_config"])
+            text.pop("model_type", None)
+            image_size = _hf_image_size(config, vision, folder)
+            return cls(
+                text=Qwen2Config(**text),
+                vision=vision,
+                image_size=image_size,
+                projector_depth=2,
+                image_token_id=config.get("image_token_index"),
+                image_mode="pad",
+            )
+        text = dict(config["text_config"])
+        text.pop("model_type", None)
+        return cls(
+            text=Qwen2Config(**text),
+            vision=FastViTConfig.from_dict(config["vision_config"]),
+            image_size=config["image_size"],
+            projector_depth=config.get("projector_depth", 2),
+            image_token_id=config.get("image_token_id"),
+            image_mode=config.get("image_mode", "pad"),
+            model_max_length=config.get("model_max_length"),
+        )
+
+    def to_checkpoint_config(self, fmt: str) -> dict:
+        text = self.text.to_dict()
+        for key in ("architectures", "model_type", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+            text.pop(key, None)
+        if fmt == "apple":
+            return {
+                "architectures": ["LlavaQwen2ForCausalLM"],
+                **text,
+                "model_type": "llava_qwen2",
+                "image_aspect_ratio": "pad" if self.image_mode == "pad" else "square",
+                "mm_hidden_size": self.vision.out_channels,
+                "mm_patch_merge_type": "flat",
+                "mm_projector_type": f"mlp{self.projector_depth}x_gelu",
+                "mm_use_im_patch_token": False,
+                "mm_use_im_start_end": False,
+                "mm_vision_select_feature": "patch",
+                "mm_vision_select_layer": -2,
+                "mm_vision_tower": f"mobileclip_l_{self.image_size}",
+                "tokenizer_model_max_length": self.model_max_length or 8192,
+                "tokenizer_padding_side": "right",
+                "unfreeze_mm_vision_tower": True,
+                "use_mm_proj": True,
+            }
+        if fmt == "hf":
+            if self.projector_depth != 2:
+                raise ValueError("transformers' fast_vlm format supports the 2-layer projector only")
+            if self.image_token_id is None:
+                raise ValueError("transformers' fast_vlm format needs an image token id (image_token_id)")
+            return {
+                "architectures": ["FastVlmForConditionalGeneration"],
+                "model_type": "fast_vlm",
+                "image_seq_length": self.num_image_tokens(),
+                "image_token_index": self.image_token_id,
+                "multimodal_projector_bias": True,
+                "projector_hidden_act": "gelu",
+                "text_config": {**text, "model_type": "qwen2"},
+                "tie_word_embeddings": self.text.tie_word_embeddings,
+                "vision_config": {
+                    "architecture": "fastvit_mci3",
+                    "do_pooling": False,
+                    "hidden_size": self.vision.out_channels,
+                    "model_args": {
+                        "embed_dims": list(self.vision.widths),
+                        "inference_mode": True,
+                        "layers": list(self.vision.depths),
+                    },
+                    "model_type": "timm_wrapper",
+                    "num_classes": 0,
+                },
+                "vision_feature_layer": -1,
+                "vision_feature_select_strategy": "full",
+            }
+        return {
+            "model_type": "fastvlm",
+            "text_config": text,
+            "vision_config": self.vision.to_dict(),
+            "image_size": self.image_size,
+            "projector_depth": self.projector_depth,
+            "image_token_id": self.image_token_id,
+            "image_mode": self.image_mode,
+            "model_max_length": self.model_max_length,
+        }
+
+
+def _projector_depth(projector_type: str) -> int:
+    import re
+
+    if m := re.fullmatch(r"mlp(\d+)x_gelu", projector_type):
+        return int(m[1])
+    raise ValueError(f"projector type {projector_type!r} is not supported; expected mlpNx_gelu (e.g. mlp2x_gelu)")
+
+
+def _hf_image_size(config: dict, vision: FastViTConfig, folder: Path | None) -> int:
+    processor = folder / "preprocessor_config.json" if folder else None
+    if processor is not None and processor.is_file():
+        crop = json.loads(processor.read_text()).get("crop_size")
+        if isinstance(crop, dict) and "height" in crop:
+            return int(crop["height"])
+    tokens = config.get("image_seq_length")
+    if tokens:
+        side = math.isqrt(int(tokens))
+        return side * vision.stride
+    return 1024
+
+
+class MultiModalProjector(nn.Module):
+    """``mlpNx_gelu``: Linear(C_vision, H), then (GELU, Linear(H, H)) N-1 times."""
+
+    def __init__(self, in_dim: int, hidden: int, depth: int = 2) -> None:
+        super().__init__()
+        self.depth = depth
+        self.linear_1 = nn.Linear(in_dim, hidden)
+        for i in range(2, depth + 1):
+            setattr(self, f"linear_{i}", nn.Linear(hidden, hidden))
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear_1(x)
+        for i in range(2, self.depth + 1):
+            x = getattr(self, f"linear_{i}")(self.act(x))
+        return x
+
+
+class FastVLM(nn.Module):
+    """Vision tower + projector + Qwen2 decoder, with loading, saving and generation."""
+
+    def __init__(self, config: FastVLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_tower = FastViT(config.vision)
+        self.projector = MultiModalProjector(config.vision.out_channels, config.hidden_size, config.projector_depth)
+        text = config.text
+        text._attn_implementation = getattr(text, "_attn_implementation", None) or "sdpa"
+        self.language_model = Qwen2ForCausalLM(text)
+        self.tokenizer = None
+        self.image_processor = ImageProcessor(config.image_size, config.image_mode)
+        self.source_path: Path | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.model.embed_tokens.weight.dtype
+
+    # ------------------------------------------------------------------ images
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] in [0, 1] -> projected visual tokens [N, T, hidden]."""
+        pixel_values = pixel_values.to(self.device)
+        features = self.vision_tower.image_embeddings(pixel_values.to(self._tower_dtype()))
+        features = features.to(self.projector.linear_1.weight.dtype)
+        return self.projector(features).to(self.dtype)
+
+    def _tower_dtype(self) -> torch.dtype:
+        return next(p for p in self.vision_tower.parameters()).dtype
+
+    # ------------------------------------------------------------------ sequences
+    def expand_image_markers(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        num_image_tokens: int,
+        *,
+        pad_token_id: int = 0,
+        padding_side: str = "right",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace each ``-200`` by ``num_image_tokens`` copies and re-pad the batch.
+
+        Sequences without ``-200`` pass through unchanged (already in transformers'
+        convention). Padding (from ``attention_mask``) is removed first and added back on
+        ``padding_side``.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not (input_ids == IMAGE_TOKEN_INDEX).any():
+            return input_ids, attention_mask
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+            tokens = [t for t, m in zip(ids, mask, strict=True) if m]
+            expanded: list[int] = []
+            for t in tokens:
+                expanded.extend([IMAGE_TOKEN_INDEX] * num_image_tokens if t == IMAGE_TOKEN_INDEX else [t])
+            rows.append(expanded)
+        length = max(len(r) for r in rows)
+        ids_out = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+        mask_out = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            sl = slice(length - len(row), length) if padding_side == "left" else slice(0, len(row))
+            ids_out[i, sl] = torch.tensor(row, dtype=torch.long)
+            mask_out[i, sl] = 1
+        return ids_out.to(input_ids.device), mask_out.to(input_ids.device)
+
+    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mask = input_ids == IMAGE_TOKEN_INDEX
+        if self.config.image_token_id is not None:
+            mask |= input_ids == self.config.image_token_id
+        return mask
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the visual tokens written over the image positions."""
+        positions = self.image_positions(input_ids)
+        embeds = self.language_model.get_input_embeddings()(input_ids.masked_fill(positions, 0))
+        n_positions = int(positions.sum())
+        n_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        if n_positions != n_features:
+            per_image = self.config.num_image_tokens() if image_features is None else image_features.shape[1]
+            raise PromptError(
+                f"the input has {n_positions} image positions but {n_features} visual tokens were given "
+                f"({0 if image_features is None else image_features.shape[0]} image(s) x {per_image}); "
+                "each image needs exactly one <image> placeholder in the prompt"
+            )
+        if n_features:
+            embeds = embeds.masked_scatter(positions.unsqueeze(-1), image_features.reshape(-1, embeds.shape[-1]))
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        image_features: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **lm_kwargs: Any,
+    ):
+        """Logits (and loss with ``labels``) for token ids with image placeholders.
+
+        ``pixel_values`` [N, 3, S, S] holds the images in the order their placeholders
+        appear, row by row; ``image_features`` may be given instead (already projected).
+        """
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        if image_features is None and pixel_values is not None:
+            image_features = self.encode_images(pixel_values)
+        tokens = image_features.shape[1] if image_features is not None else self.config.num_image_tokens()
+        input_ids, attention_mask = self.expand_image_markers(input_ids, attention_mask, tokens)
+        embeds = self.embed(input_ids, image_features)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return self.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels, **lm_kwargs
+        )
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, image=None, prompt=None, **kwargs):
+        """Answer ``prompt`` about ``image``; see :func:`fastvlm.generation.generate`."""
+        from fastvlm.generation import generate
+
+        return generate(self, image=image, prompt=prompt, **kwargs)
+
+    def chat(self, image=None, **kwargs):
+        """A multi-turn conversation about ``image`` (its features are computed once)."""
+        from fastvlm.generation import ChatSession
+
+        return ChatSession(self, image, **kwargs)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | os.PathLike,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        fuse: bool = True,
+        image_mode: str | None = None,
+    ) -> FastVLM:
+        """Load a checkpoint folder in the authors', transformers' or our format (or a hub id).
+
+        The tower's architecture is read from its tensors. ``fuse`` (default) switches
+        the tower to its fused inference form; pass ``fuse=False`` to train.
+        """
+        folder = resolve_checkpoint(path_or_hub_id)
+        raw_config, fmt = read_config(folder)
+        tensors = read_checkpoint_tensors(folder)
+        names = model_keys_to_ours(tensors, fmt)
+        ours = {names[k]: v for k, v in tensors.items()}
+        tower_tensors = {k[len("vision_tower.") :]: v for k, v in ours.items() if k.startswith("vision_tower.")}
+        if not tower_tensors:
+            raise ValueError(f"{folder}: the checkpoint holds no vision-tower tensors")
+        # The unused CLIP head (head.proj) is kept when present, so that checkpoints round-trip.
+        vision = infer_tower_config(tower_tensors, keep_head=True)
+        config = FastVLMConfig.from_checkpoint_config(raw_config, fmt, vision, folder)
+        if image_mode is not None:
+            config.image_mode = image_mode
+        with torch.device("meta"):
+            model = cls(config)
+        expected = model.state_dict()
+        tied = config.text.tie_word_embeddings
+        original = {v: k for k, v in names.items()}
+
+        def name_in_checkpoint(key: str) -> str:
+            return original.get(key) or model_keys_from_ours([key], fmt, vision)[key]
+
+        check_state_dict(
+            expected,
+            ours,
+            name_in_checkpoint,
+            what=f"{folder} ({fmt} format) does not fit the model its config describes",
+            optional=lambda key: key.endswith("num_batches_tracked") or (tied and key.endswith("lm_head.weight")),
+        )
+        if tied:
+            ours.pop("language_model.lm_head.weight", None)
+            expected = {k: v for k, v in expected.items() if k != "language_model.lm_head.weight"}
+        model.load_state_dict(materialize(expected, ours, device=device, dtype=dtype), strict=False, assign=True)
+        model._finish_loading(device)
+        model.tokenizer = _load_tokenizer(folder)
+        if config.image_token_id is None:  # the authors' checkpoints: use the tokenizer's <image>, if it has one
+            config.image_token_id = _vocab_image_token(model.tokenizer, config.text.vocab_size)
+        model.source_path = folder
+        if fuse:
+            model.vision_tower.fuse()
+        return model.eval()
+
+    def _finish_loading(self, device: torch.device | str) -> None:
+        """Tie embeddings and rebuild the rotary tables, which a meta-device build leaves empty."""
+        lm = self.language_model
+        if self.config.text.tie_word_embeddings:
+            lm.lm_head.weight = lm.model.embed_tokens.weight
+        with torch.device(device):
+            lm.model.rotary_emb = type(lm.model.rotary_emb)(self.config.text)
+
+    @classmethod
+    def from_config(cls, config: FastVLMConfig, *, device="cpu", dtype=torch.float32, seed: int = 0) -> FastVLM:
+        """A model with random weights (for benchmarks and tests)."""
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = cls(config)
+        return model.to(dtype).eval()
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, directory: str | os.PathLike, format: str = "fastvlm") -> Path:
+        """Write a checkpoint folder in our format, the authors' (``apple``) or transformers' (``hf``).
+
+        The folder is written next to its destination and renamed into place, so a
+        failure never leaves a half-written checkpoint.
+        """
+        if format not in ("fastvlm", "apple", "hf"):
+            raise ValueError(f"unknown format {format!r}; expected fastvlm, apple or hf")
+        if getattr(self.vision_tower, "is_fused", False):
+            raise ValueError(
+                "this model's vision tower is fused for inference and no longer has checkpoint tensors; "
+                "load it with fuse=False to save or convert it"
+            )
+        directory = Path(directory)
+        config = self.config
+        if format == "hf" and config.image_token_id is None:
+            config = self._with_image_token()
+        state = dict(self.state_dict())
+        if config.text.tie_word_embeddings:
+            state.pop("language_model.lm_head.weight", None)
+        if format == "hf":  # transformers' format has no place for the unused CLIP head (its converter drops it)
+            state.pop("vision_tower.head.proj", None)
+        names = model_keys_from_ours(state, format, config.vision)
+        tensors = {names[k]: v for k, v in state.items()}
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            save_safetensors_atomic(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+            (staging / "config.json").write_text(json.dumps(config.to_checkpoint_config(format), indent=2) + "\n")
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(staging)
+            if directory.exists():
+                shutil.rmtree(directory)
+            staging.rename(directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return directory
+
+    def _with_image_token(self) -> FastVLMConfig:
+        """Config with an image token id for transformers' format, taken from the tokenizer's ``<image>``."""
+        token_id = _vocab_image_token(self.tokenizer, self.config.text.vocab_size)
+        if token_id is None:
+            raise ValueError(
+                "converting to transformers' format needs an '<image>' token inside the vocabulary; "
+                "this checkpoint's tokenizer has none"
+            )
+        return FastVLMConfig(**{**self.config.__dict__, "image_token_id": token_id})
+
+
+def _vocab_image_token(tokenizer, vocab_size: int) -> int | None:
+    """Id of the tokenizer's ``<image>`` token when it exists and has an embedding row, else None."""
+    if tokenizer is None:
+        return None
+    token_id = tokenizer.convert_tokens_to_ids("<image>")
+    if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id or not 0 <= token_id < vocab_size:
+        return None
+    return token_id
+
+
+def _load_tokenizer(folder: Path):
+    has_tokenizer = any((folder / name).exists() for name in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
+    if not has_tokenizer:
+        return None
+    # AutoTokenizer reads config.json too and warns that llava_qwen2 is not a type it knows: expected here.
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+# Decoders of the released FastVLM checkpoints (Qwen2 configurations as published).
+QWEN2_PRESETS = {
+    "0.5b": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "1.5b": dict(
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "7b": dict(
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        intermediate_size=18944,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def fastvlm_config(llm: str = "0.5b", *, image_size: int = 1024, clip_head: bool = False) -> FastVLMConfig:
+    """The architecture of a released FastVLM (FastViTHD + the named Qwen2 size), for random-weight use."""
+    if llm not in QWEN2_PRESETS:
+        raise ValueError(f"unknown LLM size {llm!r}; expected one of {sorted(QWEN2_PRESETS)}")
+    text = Qwen2Config(
+        **QWEN2_PRESETS[llm],
+        hidden_act="silu",
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        use_sliding_window=False,
+    )
+    vision = FastViTConfig(projection_dim=768 if clip_head else None)
+    return FastVLMConfig(text=text, vision=vision, image_size=image_size, model_max_length=8192)

@@ -1,0 +1,223 @@
+"""Images and prompts, prepared exactly as the reference implementations prepare them.
+
+Images: the authors' path (``image_aspect_ratio: pad``) pads to a square with black,
+centred, resizes bicubically to the tower's input side and divides by 255 (no mean/std:
+the released processor has mean 0 and std 1). transformers' alternative resizes the
+shortest edge and centre-crops. Both read EXIF orientation and accept grayscale,
+RGBA, palette, CMYK and 16-bit images.
+
+Prompts: the ``qwen_2`` ChatML template of the authors' LLaVA fork; tokenised chunk by
+chunk around each ``<image>`` (``tokenizer_image_token``), with one ``-200`` marker per
+image, which the model expands to the image's visual tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_TOKEN_INDEX = -200  # the authors' in-sequence image marker
+IGNORE_INDEX = -100
+DEFAULT_IMAGE_TOKEN = "<image>"
+DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused unless allowed (decompression bombs)
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: missing, unreadable, truncated, too large or of a bad shape."""
+
+
+class PromptError(ValueError):
+    """A prompt that does not fit the model: placeholders vs images, or longer than the context."""
+
+
+# ------------------------------------------------------------------------------------- images
+
+
+def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open ``image`` as an upright 8-bit RGB PIL image, with clear errors for bad files.
+
+    ``max_pixels`` guards against decompression bombs (None disables the guard).
+    A tensor or array is taken as already decoded: HWC or CHW, uint8 or float in [0, 1].
+    """
+    if isinstance(image, Image.Image):
+        img = image
+    elif isinstance(image, (np.ndarray, torch.Tensor)):
+        return _array_to_pil(image)
+    else:
+        path = Path(image)
+        if not path.is_file():
+            raise ImageError(f"image file not found: {path}")
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # our max_pixels check below replaces PIL's; open() reads the header only
+        try:
+            img = Image.open(path)
+        except (UnidentifiedImageError, OSError) as err:
+            raise ImageError(f"cannot read image {path}: not an image file PIL can decode ({err})") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
+        _check_size(img, max_pixels, path)
+        try:
+            img.load()
+        except (OSError, SyntaxError) as err:
+            raise ImageError(f"cannot read image {path}: the file is truncated or corrupt ({err})") from None
+    _check_size(img, max_pixels, getattr(img, "filename", None) or "image")
+    img = ImageOps.exif_transpose(img)
+    return to_rgb(img)
+
+
+def _check_size(img: Image.Image, max_pixels: int | None, name: object) -> None:
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageError(f"{name} is empty ({w}x{h})")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageError(
+            f"{name} has {w}x{h} = {w * h / 1e6:.0f} MP, more than the {max_pixels / 1e6:.0f} MP allowed "
+            "(a guard against decompression bombs); pass max_pixels=None (--allow-large-images) to allow it"
+        )
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode (16/32-bit integer and float images are rescaled to 8 bits)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8), "L")
+    elif img.mode == "I":
+        arr = np.asarray(img, dtype=np.int64)
+        scale = 65535 if arr.max(initial=0) > 255 else 255
+        img = Image.fromarray((np.clip(arr, 0, scale) * 255 // scale).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray((np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8), "L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _array_to_pil(array: np.ndarray | torch.Tensor) -> Image.Image:
+    arr = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # CHW -> HWC
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise ImageError(f"expected an image array of shape HxW, HxWxC or CxHxW with C in 1/3/4, got {arr.shape}")
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 1):
+            raise ImageError("a float image array must hold values in [0, 1]")
+        arr = (arr.astype(np.float32) * 255).round().astype(np.uint8)
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return Image.fromarray(np.ascontiguousarray(arr[..., :3]), "RGB")
+
+
+def expand_to_square(img: Image.Image, fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """Pad the short side so the image is square, the original centred (LLaVA's ``expand2square``)."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new(img.mode, (side, side), fill)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def resize_and_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Shortest edge to ``size`` (bicubic), then a centred ``size`` x ``size`` crop (CLIPImageProcessor)."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+@dataclass
+class ImageProcessor:
+    """Image -> float tensor [3, size, size] in [0, 1].
+
+    ``mode="pad"`` is the authors' path (pad to square with black, then resize);
+    ``mode="crop"`` is transformers' (shortest-edge resize, centre crop).
+    """
+
+    size: int = 1024
+    mode: str = "pad"
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("pad", "crop"):
+            raise ValueError(f"image mode must be 'pad' or 'crop', got {self.mode!r}")
+
+    def __call__(self, image: ImageInput) -> torch.Tensor:
+        img = load_image(image, max_pixels=self.max_pixels)
+        if self.mode == "pad":
+            img = expand_to_square(img)
+        img = resize_and_center_crop(img, self.size)
+        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+    def batch(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        return torch.stack([self(image) for image in images])
+
+
+# ------------------------------------------------------------------------------------- prompts
+
+
+@dataclass
+class Conversation:
+    """A qwen_2 (ChatML) conversation as the authors' ``conv_qwen_2`` renders it.
+
+    ``messages`` holds (role, text) pairs with role "user" or "assistant"; the image
+    placeholder ``<image>`` appears in the text where the image goes (the first user
+    turn, by default).
+    """
+
+    system: str = SYSTEM_PROMPT
+    messages: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, role: str, text: str) -> Conversation:
+        if role not in ("user", "assistant"):
+            raise ValueError(f"role must be 'user' or 'assistant', got {role!r}")
+        self.messages.append((role, text))
+        return self
+
+    def prompt(self, add_generation_prompt: bool = True) -> str:
+        """The text the model reads, ending with the assistant's turn header when asked."""
+        parts = [f"<|im_start|>system\n{self.system}<|im_end|>\n"]
+        for role, text in self.messages:
+            parts.append(f"<|im_start|>{role}\n{text}<|im_end|>\n")
+        if add_generation_prompt:
+            parts.append("<|im_start|>assistant\n")
+        return "".join(parts)
+
+
+def build_prompt(question: str, *, with_image: bool = True, system: str = SYSTEM_PROMPT) -> str:
+    """A one-turn prompt; the image placeholder is put first unless the question already has one."""
+    text = question
+    if with_image and DEFAULT_IMAGE_TOKEN not in question:
+        text = f"{DEFAULT_IMAGE_TOKEN}\n{question}"
+    return Conversation(system=system).add("user", text).prompt()
+
+
+def tokenize_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` with one ``IMAGE_TOKEN_INDEX`` per ``<image>``, chunk by chunk.
+
+    Each text chunk between placeholders is tokenised on its own, as the authors'
+    ``tokenizer_image_token`` does; this is what makes the ids bit-exact with theirs.
+    """
+    ids: list[int] = []
+    for i, chunk in enumerate(prompt.split(DEFAULT_IMAGE_TOKEN)):
+        if i:
+            ids.append(IMAGE_TOKEN_INDEX)
+        if chunk:
+            chunk_ids = tokenizer(chunk, add_special_tokens=True).input_ids
+            bos = getattr(tokenizer, "bos_token_id", None)
+            if i and bos is not None and chunk_ids and chunk_ids[0] == bos:
+                chunk_ids = chunk_ids[1:]  # one BOS at the very start only
+            ids.extend(chunk_ids)
+    return ids
