@@ -40,6 +40,16 @@ TOWER_PREFIXES = {
     "timm": "model.vision_tower.timm_model.",
     "fastvlm": "vision_tower.",
 }
+# Every prefix a tower is found under, most specific first: the above, plus the base models
+# (LlavaQwen2Model, transformers' FastVlmModel) and MobileCLIP image encoders.
+_KNOWN_TOWER_PREFIXES = (
+    "model.vision_tower.vision_tower.model.",
+    "vision_tower.vision_tower.model.",
+    "model.vision_tower.timm_model.",
+    "vision_tower.timm_model.",
+    "image_encoder.model.",
+    "vision_tower.",
+)
 
 # ----------------------------------------------------------------------------------------
 # Key grammar of our layout: a structural unit, then the key inside that unit.
@@ -108,9 +118,15 @@ def _network_table_from_apple_keys(keys: Iterable[str]) -> list[tuple[str, int]]
         raise ValueError(f"the authors' 'network' list has gaps: indices {sorted(kinds)}")
     table, stage = [], 0
     for idx in range(len(kinds)):
-        if kinds[idx] == "downsample":
+        kind = kinds[idx]
+        if kind == "downsample":
             stage += 1
-        table.append((kinds[idx], stage))
+        elif table and table[-1][0] == "blocks":
+            raise ValueError(
+                f"network.{idx - 1} and network.{idx} are block groups with no patch embedding between them; "
+                "towers whose stages do not all downsample are not supported"
+            )
+        table.append((kind, stage))
     return table
 
 
@@ -196,7 +212,7 @@ def extract_tower_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[di
 
     A state dict of the tower alone comes back unchanged with prefix "".
     """
-    for prefix in TOWER_PREFIXES.values():
+    for prefix in _KNOWN_TOWER_PREFIXES:
         if any(k.startswith(prefix) for k in state_dict):
             return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix
     return dict(state_dict), ""
@@ -230,10 +246,17 @@ def tower_keys_to_ours(keys: Iterable[str], layout: str) -> dict[str, str]:
         return {k: k for k in keys}
     if layout == "apple":
         table = _network_table_from_apple_keys(keys)
-        return {k: _from_apple(k, table) for k in keys}
-    if layout == "timm":
-        return {k: _from_timm(k) for k in keys}
-    raise ValueError(f"unknown tower layout {layout!r}; expected one of {TOWER_LAYOUTS}")
+        names = {k: _from_apple(k, table) for k in keys}
+    elif layout == "timm":
+        names = {k: _from_timm(k) for k in keys}
+    else:
+        raise ValueError(f"unknown tower layout {layout!r}; expected one of {TOWER_LAYOUTS}")
+    seen: dict[str, str] = {}
+    for theirs, ours in names.items():
+        if ours in seen:
+            raise ValueError(f"tensors {seen[ours]!r} and {theirs!r} would both be {ours!r}: not one FastViT tower")
+        seen[ours] = theirs
+    return names
 
 
 def convert_tower_state_dict(
@@ -332,13 +355,18 @@ def infer_tower_config(ours: Mapping[str, torch.Tensor], keep_head: bool = False
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file, or of a ``.bin``/``.pt`` file loaded with ``weights_only=True``."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder; expected a checkpoint file (.safetensors, .bin or .pt)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors, pickle and zip errors alike: the file is not readable weights
+        raise ValueError(f"cannot read checkpoint file {path}: {type(err).__name__}: {err}") from None
 
 
 def save_safetensors_atomic(
@@ -357,6 +385,11 @@ def save_safetensors_atomic(
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before it takes the final name
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -430,6 +463,9 @@ def load_tower_state_dict(
     """Implementation of :meth:`FastViT.from_state_dict` (strict, with named errors)."""
     if isinstance(state_dict, (str, os.PathLike)):
         state_dict = read_state_dict(state_dict)
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"state dict entries that are not tensors: {_describe(not_tensors)}")
     tensors, prefix = extract_tower_state_dict(state_dict)
     layout = detect_tower_layout(tensors)
     names = tower_keys_to_ours(tensors, layout)
@@ -438,7 +474,13 @@ def load_tower_state_dict(
     keep_head = config is not None and config.projection_dim is not None
     if not keep_head:
         ours.pop("head.proj", None)
-    config = config or infer_tower_config(ours)
+    if config is None:
+        try:
+            config = infer_tower_config(ours)
+        except (IndexError, ZeroDivisionError, TypeError) as err:
+            raise ValueError(
+                f"cannot read the tower's architecture from its tensors (a tensor has an odd shape: {err})"
+            ) from None
 
     with torch.device("meta"):
         model = cls(config)

@@ -163,7 +163,12 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_convert_tower(args: argparse.Namespace) -> None:
-    from fastvlm.checkpoints import convert_tower_state_dict, read_state_dict, save_safetensors_atomic
+    from fastvlm.checkpoints import (
+        convert_tower_state_dict,
+        extract_tower_state_dict,
+        read_state_dict,
+        save_safetensors_atomic,
+    )
     from fastvlm.vision import FastViT
 
     src, dst = Path(args.src), Path(args.dst)
@@ -173,8 +178,10 @@ def cmd_convert_tower(args: argparse.Namespace) -> None:
         raise CLIError(f"output must be a .safetensors file, got {dst}")
     state_dict = read_state_dict(src)
     if args.reparameterize:
-        model = FastViT.from_state_dict(state_dict, dtype=None)
-        state_dict = model.reparameterize().state_dict()
+        head = extract_tower_state_dict(state_dict)[0].get("head.proj")
+        state_dict = FastViT.from_state_dict(state_dict, dtype=None).reparameterize().state_dict()
+        if head is not None:  # the unused CLIP head travels along unchanged
+            state_dict["head.proj"] = head
     out = convert_tower_state_dict(state_dict, args.layout, prefix=args.prefix)
     save_safetensors_atomic(out, dst, metadata={"format": "pt", "fastvlm_tower_layout": args.layout})
     print(f"wrote {len(out)} tensors in the {args.layout} layout to {dst}")
@@ -288,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CLIError, FileNotFoundError, ValueError) as err:
+    except (CLIError, OSError, ValueError) as err:
         print(f"fastvlm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

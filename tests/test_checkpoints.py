@@ -163,3 +163,44 @@ def test_loading_from_path_and_dtype(tmp_path):
     assert not model.training
     with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
         FastViTHD.from_state_dict(tmp_path / "nope.safetensors")
+
+
+def test_base_model_prefixes_are_recognised():
+    tower = load_file(fixture_path("hf_fastvlm_tiny", "model.safetensors"))
+    base = {k.removeprefix("model."): v for k, v in tower.items() if k.startswith("model.vision_tower.")}
+    assert extract_tower_state_dict(base)[1] == "vision_tower.timm_model."
+    FastViTHD.from_state_dict(base)
+
+
+def test_block_groups_without_a_patch_embedding_between_them_are_rejected():
+    tower = load_file(fixture_path("apple_tower_tiny", "model.safetensors"))
+    broken = {k: v for k, v in tower.items() if not k.startswith("network.1.")}
+    broken.update({k.replace("network.2.", "network.1.", 1): v for k, v in tower.items() if k.startswith("network.2.")})
+    with pytest.raises(ValueError, match="no patch embedding between them"):
+        FastViTHD.from_state_dict(broken)
+
+
+def test_odd_mlp_widths_load_exactly():
+    config = FastViTConfig(depths=(1, 1), widths=(32, 64), token_mixers=("repmixer", "attention"),
+                           pos_embeds=(False, False), mlp_ratios=(15 / 11 * 1.0, 3.0))  # fmt: skip
+    tower = FastViTHD(config)
+    hidden = tower.stages[0].blocks[0].mlp.fc1.out_channels
+    assert hidden == round(32 * 15 / 11)
+    again = FastViTHD.from_state_dict(tower.state_dict())
+    assert again.stages[0].blocks[0].mlp.fc1.out_channels == hidden
+
+
+def test_malformed_tensors_give_a_value_error():
+    tower = load_file(fixture_path("apple_tower_tiny", "model.safetensors"))
+    tower["network.0.0.convffn.fc1.weight"] = torch.zeros(64)
+    with pytest.raises(ValueError, match="odd shape|wrong shape"):
+        FastViTHD.from_state_dict(tower)
+    with pytest.raises(ValueError, match="not tensors: network.0.0.layer_scale"):
+        FastViTHD.from_state_dict({**tower, "network.0.0.layer_scale": 3})
+
+
+def test_kernel_sizes_are_validated():
+    with pytest.raises(ValueError, match="must be odd"):
+        FastViTConfig(repmixer_kernel=4)
+    with pytest.raises(ValueError, match="must not exceed down_kernel"):
+        FastViTConfig(down_kernel=3, down_small_kernel=5)

@@ -66,3 +66,25 @@ def test_missing_file_is_one_line_error(tmp_path, capsys):
 def test_bench_encoder_rejects_bad_resolution(capsys):
     assert main(["bench-encoder", "--resolutions", "100"]) == 2
     assert "not a positive multiple of 64" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_file_is_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    assert main(["info", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read checkpoint file" in err and "Traceback" not in err
+    assert main(["info", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_convert_tower_reparameterize_keeps_the_clip_head(tmp_path):
+    tensors = load_file(fixture_path("apple_tower_tiny_train", "model.safetensors"))
+    tensors["head.proj"] = torch.randn(512, 8)
+    from safetensors.torch import save_file
+
+    save_file(tensors, tmp_path / "with_head.safetensors")
+    out = tmp_path / "out.safetensors"
+    assert main(["convert-tower", str(tmp_path / "with_head.safetensors"), str(out), "--layout", "apple",
+                 "--reparameterize"]) == 0  # fmt: skip
+    assert torch.equal(load_file(out)["head.proj"], tensors["head.proj"])

@@ -54,6 +54,19 @@ class FastViTConfig:
             raise ValueError(f"unknown token mixer(s) {bad}; expected one of {TOKEN_MIXERS}")
         if self.pos_embeds[0]:
             raise ValueError("a positional encoding before stage 0 is not supported")
+        kernels = {
+            "repmixer_kernel": self.repmixer_kernel,
+            "pos_embed_kernel": self.pos_embed_kernel,
+            "down_kernel": self.down_kernel,
+            "down_small_kernel": self.down_small_kernel,
+        }
+        even = [f"{name}={k}" for name, k in kernels.items() if k < 1 or k % 2 == 0]
+        if even:
+            raise ValueError(f"kernel sizes must be odd and positive: {', '.join(even)}")
+        if self.down_small_kernel > self.down_kernel:
+            raise ValueError(
+                f"down_small_kernel ({self.down_small_kernel}) must not exceed down_kernel ({self.down_kernel})"
+            )
         for width, mixer in zip(self.widths, self.token_mixers, strict=True):
             if mixer == "attention" and width % self.head_dim:
                 raise ValueError(f"attention stage width {width} is not a multiple of head_dim {self.head_dim}")

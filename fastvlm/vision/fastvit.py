@@ -144,7 +144,8 @@ class FastViT(nn.Module):
         if h % stride or w % stride:
             raise ValueError(
                 f"image side {h}x{w} is not a multiple of the tower stride {stride}; "
-                f"resize or pad to a multiple of {stride} (e.g. {max(stride, h // stride * stride)})"
+                f"resize or pad to a multiple of {stride} (e.g. {max(stride, h // stride * stride)}x"
+                f"{max(stride, w // stride * stride)})"
             )
 
     def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -154,7 +155,9 @@ class FastViT(nn.Module):
     # ---------------------------------------------------------------- forms
     @torch.no_grad()
     def reparameterize(self) -> FastViT:
-        """Training form -> inference form, in place (no-op on an inference-form tower)."""
+        """Training form -> inference form, in place (no-op on an inference-form or fused tower)."""
+        if self.is_fused:
+            return self
         for module in self.modules():
             if module is not self and hasattr(module, "reparameterize"):
                 module.reparameterize()

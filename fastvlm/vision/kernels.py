@@ -26,25 +26,29 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @functools.cache
-def onednn_fusion_available() -> bool:
-    """True when this torch build runs oneDNN's fused epilogues correctly (checked once, on tiny inputs)."""
+def onednn_fusion_available(dtype: torch.dtype = torch.float32) -> bool:
+    """True when this torch build and CPU run oneDNN's fused epilogues in ``dtype`` correctly.
+
+    Checked once per dtype on tiny inputs (bf16 needs CPU support, e.g. AVX512).
+    """
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        x = torch.randn(1, 2, 3, 8)
-        w, b = torch.randn(4, 8), torch.randn(4)
-        res = torch.randn(1, 2, 3, 4)
+        x = torch.randn(1, 2, 3, 8, dtype=dtype)
+        w, b = torch.randn(4, 8, dtype=dtype), torch.randn(4, dtype=dtype)
+        res = torch.randn(1, 2, 3, 4, dtype=dtype)
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 6)
         gelu = torch.ops.mkldnn._linear_pointwise(x, packed, b, "gelu", [], "none")
         added = torch.ops.mkldnn._linear_pointwise.binary(x, res, packed, b, "add")
         conv = torch.ops.mkldnn._convolution_pointwise(
             x.permute(0, 3, 1, 2), w[:, :, None, None], b, [0, 0], [1, 1], [1, 1], 1, "gelu", [], "none"
         )
-        ref = F.linear(x, w, b)
+        ref = F.linear(x.float(), w.float(), b.float())
+        tol = 1e-5 if dtype == torch.float32 else 0.1
         return bool(
-            torch.allclose(gelu, F.gelu(ref), atol=1e-5)
-            and torch.allclose(added, ref + res, atol=1e-5)
-            and torch.allclose(conv.permute(0, 2, 3, 1), F.gelu(ref), atol=1e-5)
+            torch.allclose(gelu.float(), F.gelu(ref), atol=tol)
+            and torch.allclose(added.float(), ref + res.float(), atol=tol)
+            and torch.allclose(conv.permute(0, 2, 3, 1).float(), F.gelu(ref), atol=tol)
         )
     except (AttributeError, RuntimeError):
         return False
@@ -55,7 +59,7 @@ def _use_onednn(x: torch.Tensor) -> bool:
         x.device.type == "cpu"
         and x.dtype in _ONEDNN_DTYPES
         and not torch.is_grad_enabled()
-        and onednn_fusion_available()
+        and onednn_fusion_available(x.dtype)
     )
 
 
@@ -76,6 +80,8 @@ def repeat_channels(x: torch.Tensor, repeats: int) -> torch.Tensor:
     has fast kernels (its kernels for the former are 2-20x slower here). The result is
     channels-last.
     """
+    if repeats == 1:
+        return x
     b, c, h, w = x.shape
     nhwc = x.permute(0, 2, 3, 1).unsqueeze(-1).expand(b, h, w, c, repeats)
     return nhwc.reshape(b, h, w, c * repeats).permute(0, 3, 1, 2)
@@ -107,8 +113,10 @@ def as_depthwise(conv: nn.Conv2d) -> tuple[nn.Conv2d, int]:
 class FusedLinear(nn.Module):
     """y = x W^T + b over the last axis, optionally followed by GELU or plus a residual.
 
-    The oneDNN copy of the weight is made on first use and remade whenever the weight
-    changes (device, dtype or values); it is never saved or copied with the module.
+    The oneDNN copy of the weight is made on first use and remade when the weight tensor
+    is replaced, moved or cast, or changed in place through autograd-visible ops (its
+    version counter); a write through ``.data`` bypasses that counter, so call
+    ``reset_cache()`` after one. The copy is never saved or copied with the module.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -118,20 +126,35 @@ class FusedLinear(nn.Module):
         self._packed: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
-    def from_module(cls, module: nn.Conv2d | nn.Linear) -> FusedLinear:
-        """From a 1x1 Conv2d (groups 1) or a Linear."""
+    def from_module(cls, module: nn.Conv2d | nn.Linear, out_scale: torch.Tensor | None = None) -> FusedLinear:
+        """From a 1x1 Conv2d (groups 1) or a Linear, optionally with each output scaled by ``out_scale``.
+
+        The module's own tensors are left untouched (they may be shared with a state dict).
+        """
         if isinstance(module, nn.Conv2d) and (
             module.kernel_size != (1, 1) or module.groups != 1 or module.stride != (1, 1)
         ):
             raise ValueError(f"only a 1x1, stride-1, ungrouped conv is a linear map; got {module}")
-        return cls(module.weight.flatten(1), module.bias)
+        weight, bias = module.weight.flatten(1), module.bias
+        if out_scale is not None:
+            scale = out_scale.reshape(-1)
+            weight = weight * scale.unsqueeze(1)
+            bias = bias * scale if bias is not None else None
+        return cls(weight, bias)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_packed": None}  # the oneDNN copy is opaque: rebuild it on use
 
+    def reset_cache(self) -> None:
+        self._packed = None
+
     def _packed_weight(self, tokens: int) -> torch.Tensor:
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype)
+        try:
+            version = w._version
+        except RuntimeError:  # an inference tensor (made under inference_mode) has no version counter
+            version = -1
+        key = (w.data_ptr(), version, w.dtype, w.device)
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w, tokens))
         return self._packed[1]

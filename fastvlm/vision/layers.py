@@ -25,16 +25,15 @@ from fastvlm.vision.kernels import FusedLinear, as_depthwise, conv_gelu, pointwi
 # --------------------------------------------------------------------------------------
 
 
-def fold_batchnorm(weight: torch.Tensor, bn: nn.BatchNorm2d, bias: torch.Tensor | None = None):
-    """Fold an eval-mode BatchNorm that follows a conv into that conv's (weight, bias).
+def fold_batchnorm(weight: torch.Tensor, bn: nn.BatchNorm2d):
+    """Fold an eval-mode BatchNorm that follows a bias-free conv into (weight, bias).
 
-    BN(conv(x)) = gamma * (W*x + b - mean) / sqrt(var + eps) + beta.
+    BN(W*x) = gamma * (W*x - mean) / sqrt(var + eps) + beta.
     """
     std = (bn.running_var + bn.eps).sqrt()
     scale = bn.weight / std
     shape = (-1,) + (1,) * (weight.dim() - 1)
-    conv_bias = bias if bias is not None else torch.zeros_like(bn.running_mean)
-    return weight * scale.reshape(shape), bn.bias + (conv_bias - bn.running_mean) * scale
+    return weight * scale.reshape(shape), bn.bias - bn.running_mean * scale
 
 
 def identity_kernel(channels: int, groups: int, kernel_size: int, like: torch.Tensor) -> torch.Tensor:
@@ -403,6 +402,8 @@ class ConvFFN(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """ConvFFN(x), or ``residual + ConvFFN(x)`` when ``residual`` is given (fused form only)."""
         if not self.fused:
+            if residual is not None:
+                raise ValueError("ConvFFN adds a residual only in its fused form")
             return self.fc2(self.act(self.fc1(self.conv(x))))
         hidden = pointwise_conv(self.fc1, self.conv(x), gelu=True)
         return pointwise_conv(self.fc2, hidden, residual=residual)
@@ -416,12 +417,8 @@ class ConvFFN(nn.Module):
         self.fused = True
         weight, bias = self.conv.folded()
         self.conv = conv_from(weight, bias, groups=self.conv.conv.groups)
-        if out_scale is not None:
-            scale = out_scale.reshape(-1)
-            self.fc2.weight.mul_(scale.reshape(-1, 1, 1, 1))
-            self.fc2.bias.mul_(scale)
         self.fc1 = FusedLinear.from_module(self.fc1)
-        self.fc2 = FusedLinear.from_module(self.fc2)
+        self.fc2 = FusedLinear.from_module(self.fc2, out_scale)
         del self.act
 
 
@@ -439,7 +436,7 @@ class RepMixerBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.token_mixer = RepMixer(dim, kernel_size, layer_scale_init=layer_scale_init, inference_mode=inference_mode)
-        self.mlp = ConvFFN(dim, int(dim * mlp_ratio))
+        self.mlp = ConvFFN(dim, round(dim * mlp_ratio))
         self.layer_scale = nn.Parameter(layer_scale_init * torch.ones(dim, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -478,6 +475,8 @@ class MultiHeadSelfAttention(nn.Module):
         qkv = self.qkv(tokens).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         if not self.fused:
+            if residual is not None:
+                raise ValueError("MultiHeadSelfAttention adds a residual only in its fused form")
             attn = (q * self.scale) @ k.transpose(-2, -1)
             out = self.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c))
             return out.transpose(1, 2).reshape(b, c, h, w)
@@ -492,12 +491,8 @@ class MultiHeadSelfAttention(nn.Module):
         if self.fused:
             return
         self.fused = True
-        if out_scale is not None:
-            scale = out_scale.reshape(-1)
-            self.proj.weight.mul_(scale.unsqueeze(1))
-            self.proj.bias.mul_(scale)
         self.qkv = FusedLinear.from_module(self.qkv)
-        self.proj = FusedLinear.from_module(self.proj)
+        self.proj = FusedLinear.from_module(self.proj, out_scale)
 
 
 class AttentionBlock(nn.Module):
@@ -507,7 +502,7 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.norm = LayerNormChannel(dim)
         self.token_mixer = MultiHeadSelfAttention(dim, head_dim)
-        self.mlp = ConvFFN(dim, int(dim * mlp_ratio))
+        self.mlp = ConvFFN(dim, round(dim * mlp_ratio))
         self.layer_scale_1 = nn.Parameter(layer_scale_init * torch.ones(dim, 1, 1))
         self.layer_scale_2 = nn.Parameter(layer_scale_init * torch.ones(dim, 1, 1))
 

@@ -49,7 +49,7 @@ def test_fused_form_without_onednn_reproduces_reference(tower_golden, monkeypatc
     """The portable fallback (used on GPU and builds without oneDNN) computes the same function."""
     import fastvlm.vision.kernels as kernels
 
-    monkeypatch.setattr(kernels, "onednn_fusion_available", lambda: False)
+    monkeypatch.setattr(kernels, "onednn_fusion_available", lambda dtype=None: False)
     model = FastViTHD.from_state_dict(fixture_path("apple_tower_tiny", "model.safetensors")).fuse()
     assert_close_to_reference(_run(model, tower_golden["pixel_values"]), tower_golden["image_embeddings"])
 
@@ -120,3 +120,22 @@ def test_full_size_released_keys_load_back_into_the_preset():
     tower = FastViTHD.from_state_dict(state_dict, device="meta")
     assert tower.config == fastvithd_config()
     assert tower.config.stride == 64 and tower.config.out_channels == 3072
+
+
+def test_loading_and_fusing_never_modify_the_callers_tensors(tower_golden):
+    """fuse() folds layer scales out of place: the state dict and other towers made from it stay intact."""
+    state = load_file(fixture_path("apple_tower_tiny", "model.safetensors"))
+    before = {k: v.clone() for k, v in state.items()}
+    plain = FastViTHD.from_state_dict(state)
+    FastViTHD.from_state_dict(state).fuse()
+    assert all(torch.equal(state[k], before[k]) for k in state)
+    assert_close_to_reference(_run(plain, tower_golden["pixel_values"]), tower_golden["image_embeddings"])
+
+
+def test_load_fuse_and_run_inside_inference_mode(tower_golden):
+    with torch.inference_mode():
+        model = FastViTHD.from_state_dict(fixture_path("apple_tower_tiny", "model.safetensors")).fuse()
+        out = model(tower_golden["pixel_values"])
+    assert_close_to_reference(out, tower_golden["image_embeddings"])
+    assert model.reparameterize() is model  # a no-op on the fused form
+    assert_close_to_reference(_run(model, tower_golden["pixel_values"]), tower_golden["image_embeddings"])
