@@ -188,7 +188,8 @@ def cmd_convert_tower(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_encoder(args: argparse.Namespace) -> None:
-    from fastvlm.bench.encoder import format_table, run_encoder_benchmark, write_json
+    from fastvlm.bench.encoder import format_table, run_encoder_benchmark
+    from fastvlm.bench.measure import write_rows_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -212,7 +213,45 @@ def cmd_bench_encoder(args: argparse.Namespace) -> None:
     )
     print(format_table(rows))
     if args.json:
-        write_json(rows, args.json, meta)
+        write_rows_json(rows, args.json, meta)
+        print(f"wrote {args.json}")
+
+
+def cmd_bench_ttft(args: argparse.Namespace) -> None:
+    from fastvlm.bench.measure import write_rows_json
+    from fastvlm.bench.ttft import format_ttft_table, run_ttft_benchmark
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for r in args.resolutions:
+        if r <= 0 or r % 64:
+            raise CLIError(f"resolution {r} is not a positive multiple of 64 (the FastViTHD stride)")
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    rows = []
+    for device in devices:
+        dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+        rows += run_ttft_benchmark(
+            args.resolutions,
+            llm=args.llm,
+            device=device,
+            dtype=dtype,
+            text_tokens=args.text_tokens,
+            new_tokens=args.new_tokens,
+            repeats=args.repeats,
+        )
+    meta = machine_description() | {
+        "repeats": args.repeats,
+        "text_tokens": args.text_tokens,
+        "new_tokens": args.new_tokens,
+    }
+    print(
+        f"\nFastVLM-{args.llm.upper()} (FastViTHD fused + Qwen2-{args.llm.upper()}), random weights, batch 1; "
+        f"median of {args.repeats} runs after a warm-up; {meta['cpu']}, {meta['cpu_threads']} threads, "
+        f"torch {meta['torch']}" + (f", {meta['gpu']}" if "gpu" in meta else "")
+    )
+    print(format_ttft_table(rows))
+    if args.json:
+        write_rows_json(rows, args.json, meta)
         print(f"wrote {args.json}")
 
 
@@ -255,6 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reparameterize", action="store_true", help="convert a training-form tower to the inference form")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert_tower)
+
+    p = sub.add_parser("bench-ttft", help="TTFT of a FastVLM-sized model (random weights) by resolution")
+    p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512, 768, 1024])
+    p.add_argument("--llm", choices=["0.5b", "1.5b", "7b"], default="0.5b")
+    p.add_argument("--device", nargs="+", choices=["cpu", "cuda"], help="default: cpu, and cuda when present")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: fp32 on CPU, bf16 on GPU")
+    p.add_argument("--text-tokens", type=int, default=40, help="text tokens around the image (template + question)")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens decoded to measure decode speed")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", help="also write the rows and machine description to this JSON file")
+    p.set_defaults(func=cmd_bench_ttft)
 
     p = sub.add_parser("bench-encoder", help="FastViTHD latency: released inference form vs our fused form")
     add_bench_encoder_arguments(p)

@@ -520,34 +520,15 @@ def _load_tokenizer(folder: Path):
 
 
 # Decoders of the released FastVLM checkpoints (Qwen2 configurations as published).
+_QWEN2_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size", "vocab_size", "tie_word_embeddings")  # fmt: skip
 QWEN2_PRESETS = {
-    "0.5b": dict(
-        hidden_size=896,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        intermediate_size=4864,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-    "1.5b": dict(
-        hidden_size=1536,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        intermediate_size=8960,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-    "7b": dict(
-        hidden_size=3584,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        intermediate_size=18944,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-    ),
+    size: dict(zip(_QWEN2_FIELDS, values, strict=True))
+    for size, values in {
+        "0.5b": (896, 24, 14, 2, 4864, 151936, True),
+        "1.5b": (1536, 28, 12, 2, 8960, 151936, True),
+        "7b": (3584, 28, 28, 4, 18944, 152064, False),
+    }.items()
 }
 
 

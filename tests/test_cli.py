@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import torch
 from safetensors.torch import load_file
@@ -88,3 +89,71 @@ def test_convert_tower_reparameterize_keeps_the_clip_head(tmp_path):
     assert main(["convert-tower", str(tmp_path / "with_head.safetensors"), str(out), "--layout", "apple",
                  "--reparameterize"]) == 0  # fmt: skip
     assert torch.equal(load_file(out)["head.proj"], tensors["head.proj"])
+
+
+def _predict_args(*extra: str) -> list[str]:
+    return [
+        "predict", "--model", str(fixture_path("apple_fastvlm_tiny")),
+        "--image", str(fixture_path("apple_fastvlm_tiny", "image.png")), *extra,
+    ]  # fmt: skip
+
+
+def test_predict_json_reproduces_golden_tokens(capsys):
+    golden = json.loads(fixture_path("apple_fastvlm_tiny", "golden.json").read_text())
+    assert main(_predict_args("--prompt", golden["question"], "--max-new-tokens", "12", "--json")) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["token_ids"] == golden["greedy_token_ids"]
+    assert {"vision_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s", "visual_tokens"} <= set(out["timings"])
+    assert out["timings"]["visual_tokens"] == 16
+
+
+def test_predict_streams_text_and_reports_timings(capsys):
+    golden = json.loads(fixture_path("apple_fastvlm_tiny", "golden.json").read_text())
+    assert main(_predict_args("--prompt", golden["question"], "--max-new-tokens", "12")) == 0
+    captured = capsys.readouterr()
+    assert captured.out.rstrip("\n") == golden["greedy_text"]
+    assert "TTFT" in captured.err
+
+
+def test_predict_errors_are_one_line(tmp_path, capsys):
+    missing = ["predict", "--model", str(fixture_path("apple_fastvlm_tiny")), "--image", str(tmp_path / "x.png"),
+               "--prompt", "hi"]  # fmt: skip
+    assert main(missing) == 2
+    assert "image file not found" in capsys.readouterr().err
+    assert main(_predict_args("--prompt", "<image>\n<image>\ncompare")) == 2
+    err = capsys.readouterr().err
+    assert "2 <image> placeholder(s) for 1 image(s)" in err and "Traceback" not in err
+    assert main(_predict_args("--prompt", "word " * 5000)) == 2
+    assert "context holds 4096" in capsys.readouterr().err
+
+
+def test_convert_writes_each_format_and_nothing_on_failure(tmp_path, capsys):
+    src = str(fixture_path("hf_fastvlm_tiny"))
+    for fmt, model_type in (("apple", "llava_qwen2"), ("hf", "fast_vlm"), ("fastvlm", "fastvlm")):
+        out = tmp_path / fmt
+        assert main(["convert", src, str(out), "--format", fmt]) == 0
+        assert json.loads((out / "config.json").read_text())["model_type"] == model_type
+    broken = tmp_path / "broken"
+    shutil.copytree(fixture_path("apple_fastvlm_tiny"), broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.mm_projector.2.bias"]
+    from safetensors.torch import save_file
+
+    save_file(tensors, broken / "model.safetensors")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["convert", str(broken), str(tmp_path / "never"), "--format", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert "missing tensors: model.mm_projector.2.bias" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no staging folder left
+
+
+def test_chat_answers_each_line(monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is written on the sign?\nAnd now?\n"))
+    args = ["chat", "--model", str(fixture_path("apple_fastvlm_tiny")), "--image",
+            str(fixture_path("apple_fastvlm_tiny", "image.png")), "--max-new-tokens", "12"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    golden = json.loads(fixture_path("apple_fastvlm_tiny", "golden.json").read_text())
+    assert out.count("fastvlm> ") == 2 and golden["greedy_text"] in out

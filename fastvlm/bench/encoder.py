@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -142,9 +140,3 @@ def format_table(rows: list[EncoderRow]) -> str:
             f"{r.max_rel_diff:.1e} |"
         )
     return "\n".join(lines)
-
-
-def write_json(rows: list[EncoderRow], path: str | Path, meta: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
+import json
 import os
 import statistics
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -104,3 +107,10 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
         sampler.join()
     peak = max(peak, _rss_bytes())
     return (peak - base) / 2**20
+
+
+def write_rows_json(rows: list, path: str | Path, meta: dict) -> None:
+    """Benchmark rows (dataclasses) and a machine description as one JSON file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2) + "\n")

@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from fastvlm.bench.encoder import format_table, run_encoder_benchmark, write_json
-from fastvlm.bench.measure import count_flops, median_latency_ms, peak_memory_mb
+from fastvlm.bench.encoder import format_table, run_encoder_benchmark
+from fastvlm.bench.measure import count_flops, median_latency_ms, peak_memory_mb, write_rows_json
 from fastvlm.vision import FastViTConfig
 
 
@@ -22,7 +22,7 @@ def test_encoder_benchmark_rows_on_a_small_tower(tmp_path):
         assert r.gflops > 0 and r.max_rel_diff < 1e-4
     assert rows[1].gflops > 3.5 * rows[0].gflops  # FLOPs grow with the pixel count
     assert "| cpu | float32 | 128 | 4 |" in format_table(rows)
-    write_json(rows, tmp_path / "out" / "enc.json", {"cpu": "test"})
+    write_rows_json(rows, tmp_path / "out" / "enc.json", {"cpu": "test"})
     saved = json.loads((tmp_path / "out" / "enc.json").read_text())
     assert saved["meta"] == {"cpu": "test"} and saved["rows"][1]["tokens"] == 4
 
