@@ -13,9 +13,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# Main job: FastViTHD latency, released inference form vs our fused form (256/512/1024 px).
+# Main job (offline, ~4 min on 2 cores): FastViTHD latency, released inference form vs our
+# fused form (256/512/1024 px); then TTFT of a FastVLM-0.5B-sized model (256..1024 px).
 demo: $(VENV)/.installed
 	$(PY) benchmarks/encoder_latency.py --json results/encoder_latency.json
+	$(PY) benchmarks/ttft.py --json results/ttft.json
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check fastvlm tests benchmarks
