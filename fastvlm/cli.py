@@ -60,9 +60,35 @@ def machine_description() -> dict:
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CLIError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"device {device!r} was asked for, but this torch build sees no CUDA device")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError("device 'mps' was asked for, but it is not available here")
+    return dev
+
+
+def _check_resolutions(resolutions: list[int]) -> None:
+    for r in resolutions:
+        if r <= 0 or r % 64:
+            raise CLIError(f"resolution {r} is not a positive multiple of 64 (the FastViTHD stride)")
+
+
+def _bench_devices(requested: list[str] | None) -> list[str]:
+    devices = requested or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    for device in devices:
+        _check_device(device)
+    return devices
+
+
 def _load_model(args: argparse.Namespace, *, fuse: bool = True):
     from fastvlm.model import FastVLM
 
+    _check_device(args.device)
     model = FastVLM.from_pretrained(
         args.model, device=args.device, dtype=_DTYPES[args.dtype], fuse=fuse, image_mode=args.image_mode
     )
@@ -85,11 +111,12 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
 def cmd_predict(args: argparse.Namespace) -> None:
     from fastvlm.processing import load_image
 
-    if args.image is not None:  # fail on a bad image before spending time on the model
-        load_image(args.image, max_pixels=None if args.allow_large_images else DEFAULT_MAX_PIXELS)
+    image = None
+    if args.image is not None:  # decode (and reject a bad image) before spending time on the model
+        image = load_image(args.image, max_pixels=None if args.allow_large_images else DEFAULT_MAX_PIXELS)
     model = _load_model(args)
     if args.json:
-        result = model.generate(image=args.image, prompt=args.prompt, **_generation_kwargs(args))
+        result = model.generate(image=image, prompt=args.prompt, **_generation_kwargs(args))
         print(
             json.dumps(
                 {
@@ -102,7 +129,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
             )
         )
         return
-    stream = model.generate(image=args.image, prompt=args.prompt, stream=True, **_generation_kwargs(args))
+    stream = model.generate(image=image, prompt=args.prompt, stream=True, **_generation_kwargs(args))
     for piece in stream:
         print(piece, end="", flush=True)
     print()
@@ -126,8 +153,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if not question or question in ("exit", "quit"):
             break
         print("fastvlm> ", end="", flush=True)
-        for piece in session.ask(question, stream=True, **_generation_kwargs(args)):
-            print(piece, end="", flush=True)
+        try:
+            for piece in session.ask(question, stream=True, **_generation_kwargs(args)):
+                print(piece, end="", flush=True)
+        except ValueError as err:  # e.g. the conversation outgrew the context: say so, keep the session
+            print(f"\n[error: {err}]", file=sys.stderr)
+            continue
         print()
 
 
@@ -136,9 +167,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     dst = Path(args.dst)
     if dst.exists() and not args.overwrite:
-        raise CLIError(f"{dst} exists; pass --overwrite to replace it")
+        raise CLIError(f"{dst} exists; pass --overwrite to replace the checkpoint files in it")
     model = FastVLM.from_pretrained(args.src, fuse=False, dtype=_DTYPES[args.dtype] if args.dtype else None)
-    model.save_pretrained(dst, format=args.format)
+    model.save_pretrained(dst, format=args.format, overwrite=args.overwrite)
     print(f"wrote {dst} in the {args.format} format")
 
 
@@ -193,14 +224,10 @@ def cmd_bench_encoder(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    if "cuda" in devices and not torch.cuda.is_available():
-        raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
+    devices = _bench_devices(args.device)
     resolutions = args.resolutions or ([256, 512] if args.quick else [256, 512, 1024])
     repeats = args.repeats or (3 if args.quick else 5)
-    for r in resolutions:
-        if r <= 0 or r % 64:
-            raise CLIError(f"resolution {r} is not a positive multiple of 64 (the FastViTHD stride)")
+    _check_resolutions(resolutions)
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.fused_dtype]
     rows = run_encoder_benchmark(
         resolutions, devices, batch=args.batch, repeats=repeats, warmup=args.warmup, fused_dtype=dtype
@@ -223,10 +250,10 @@ def cmd_bench_ttft(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    for r in args.resolutions:
-        if r <= 0 or r % 64:
-            raise CLIError(f"resolution {r} is not a positive multiple of 64 (the FastViTHD stride)")
-    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    _check_resolutions(args.resolutions)
+    if args.repeats < 1 or args.new_tokens < 2:
+        raise CLIError("--repeats must be at least 1 and --new-tokens at least 2")
+    devices = _bench_devices(args.device)
     rows = []
     for device in devices:
         dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)

@@ -21,6 +21,7 @@ from fastvlm.processing import (
     ImageInput,
     PromptError,
     build_prompt,
+    pad_sequences,
     tokenize_prompt,
 )
 
@@ -68,8 +69,8 @@ def _select(logits: torch.Tensor, temperature: float, top_p: float | None, gener
 
 def stop_token_ids(model) -> set[int]:
     ids = set()
-    eos = model.config.text.eos_token_id
-    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    for eos in (model.config.text.eos_token_id, getattr(model, "generation_eos_token_id", None)):
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     tok = model.tokenizer
     if tok is not None:
         end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -108,7 +109,7 @@ def generate_tokens(
         _sync(device)
         timings.vision_ms = (time.perf_counter() - start) * 1e3
     n_tokens = image_features.shape[1] if image_features is not None else model.config.num_image_tokens()
-    ids, mask = model.expand_image_markers(
+    ids, mask, _ = model.expand_image_markers(
         input_ids.to(device),
         None if attention_mask is None else attention_mask.to(device),
         n_tokens,
@@ -144,10 +145,10 @@ def generate_tokens(
     _sync(device)
     now = time.perf_counter()
     timings.prefill_ms = (now - prefill_start) * 1e3
-    timings.ttft_ms = (now - start) * 1e3
+    timings.ttft_ms = (now - start) * 1e3  # from encoded pixels; image decoding/resizing is not included
     finished = torch.zeros_like(token, dtype=torch.bool)
     next_pos = position_ids[:, -1:] + 1
-    decode_start = now
+    decoded = 0  # tokens produced by decode steps for rows still generating
     for step in range(max_new_tokens):
         token = token.masked_fill(finished, pad_token_id)
         timings.new_tokens = step + 1
@@ -155,6 +156,7 @@ def generate_tokens(
         finished |= torch.isin(token, stop)
         if step + 1 == max_new_tokens or bool(finished.all()):
             break
+        step_start = time.perf_counter()  # the caller's time between tokens is not decode time
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         out = model.language_model(
             input_ids=token[:, None],
@@ -166,8 +168,9 @@ def generate_tokens(
         next_pos = next_pos + 1
         token = _select(out.logits[:, -1], temperature, top_p, generator)
         _sync(device)
-        timings.decode_ms = (time.perf_counter() - decode_start) * 1e3
-        timings.decode_tokens_per_s = (step + 1) * token.shape[0] / max(timings.decode_ms / 1e3, 1e-9)
+        timings.decode_ms += (time.perf_counter() - step_start) * 1e3
+        decoded += int((~finished).sum())
+        timings.decode_tokens_per_s = decoded / max(timings.decode_ms / 1e3, 1e-9)
 
 
 # ---------------------------------------------------------------------------------- text API
@@ -198,15 +201,8 @@ def _tokenize_batch(model, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.
     tok = model.tokenizer
     if tok is None:
         raise ValueError("this model has no tokenizer (the checkpoint folder had none); pass token ids instead")
-    rows = [tokenize_prompt(tok, p) for p in prompts]
-    length = max(len(r) for r in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(rows), length), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, length - len(row) :] = torch.tensor(row)
-        mask[i, length - len(row) :] = 1
-    return ids, mask
+    return pad_sequences([tokenize_prompt(tok, p) for p in prompts], pad, "left")
 
 
 class TextStream:
@@ -352,5 +348,9 @@ class _RecordingStream(TextStream):
         self.session = session
 
     def __iter__(self) -> Iterator[str]:
-        yield from super().__iter__()
+        try:
+            yield from super().__iter__()
+        except BaseException:
+            self.session.conversation.messages.pop()  # the failed user turn leaves no trace
+            raise
         self.session.conversation.add("assistant", self.result.text)

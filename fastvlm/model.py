@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import AddedToken
 from torch import nn
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
@@ -36,7 +37,7 @@ from fastvlm.checkpoints import (
     resolve_checkpoint,
     save_safetensors_atomic,
 )
-from fastvlm.processing import IMAGE_TOKEN_INDEX, ImageProcessor, PromptError
+from fastvlm.processing import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ImageProcessor, PromptError, pad_sequences
 from fastvlm.vision import FastViT, FastViTConfig
 
 # Fields of the authors' config.json that describe the multimodal wrapper rather than Qwen2.
@@ -108,8 +109,10 @@ class FastVLMConfig:
                 model_max_length=config.get("tokenizer_model_max_length"),
             )
         if fmt == "hf":
-            text = dict(config["text_config"])
+            text = dict(_require(config, "text_config", fmt))
             text.pop("model_type", None)
+            if "tie_word_embeddings" in config:  # transformers reads the top-level flag
+                text["tie_word_embeddings"] = config["tie_word_embeddings"]
             image_size = _hf_image_size(config, vision, folder)
             return cls(
                 text=Qwen2Config(**text),
@@ -119,12 +122,12 @@ class FastVLMConfig:
                 image_token_id=config.get("image_token_index"),
                 image_mode="pad",
             )
-        text = dict(config["text_config"])
+        text = dict(_require(config, "text_config", fmt))
         text.pop("model_type", None)
         return cls(
             text=Qwen2Config(**text),
-            vision=FastViTConfig.from_dict(config["vision_config"]),
-            image_size=config["image_size"],
+            vision=FastViTConfig.from_dict(_require(config, "vision_config", fmt)),
+            image_size=_require(config, "image_size", fmt),
             projector_depth=config.get("projector_depth", 2),
             image_token_id=config.get("image_token_id"),
             image_mode=config.get("image_mode", "pad"),
@@ -195,6 +198,12 @@ class FastVLMConfig:
         }
 
 
+def _require(config: dict, key: str, fmt: str):
+    if key not in config:
+        raise ValueError(f"config.json of this {fmt}-format checkpoint has no {key!r}")
+    return config[key]
+
+
 def _projector_depth(projector_type: str) -> int:
     import re
 
@@ -248,6 +257,7 @@ class FastVLM(nn.Module):
         self.tokenizer = None
         self.image_processor = ImageProcessor(config.image_size, config.image_mode)
         self.source_path: Path | None = None
+        self.generation_eos_token_id: int | list[int] | None = None  # from generation_config.json
 
     # ------------------------------------------------------------------ properties
     @property
@@ -276,34 +286,40 @@ class FastVLM(nn.Module):
         attention_mask: torch.Tensor | None,
         num_image_tokens: int,
         *,
+        labels: torch.Tensor | None = None,
         pad_token_id: int = 0,
-        padding_side: str = "right",
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        padding_side: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Replace each ``-200`` by ``num_image_tokens`` copies and re-pad the batch.
 
-        Sequences without ``-200`` pass through unchanged (already in transformers'
-        convention). Padding (from ``attention_mask``) is removed first and added back on
-        ``padding_side``.
+        Returns (ids, attention mask, labels). ``labels`` are expanded alongside, with
+        ``IGNORE_INDEX`` at the image positions. Sequences without ``-200`` pass through
+        unchanged (already in transformers' convention). Padding (from ``attention_mask``)
+        is removed first and put back on ``padding_side``, by default the side the input
+        was padded on.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not (input_ids == IMAGE_TOKEN_INDEX).any():
-            return input_ids, attention_mask
-        rows = []
-        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
-            tokens = [t for t, m in zip(ids, mask, strict=True) if m]
-            expanded: list[int] = []
-            for t in tokens:
-                expanded.extend([IMAGE_TOKEN_INDEX] * num_image_tokens if t == IMAGE_TOKEN_INDEX else [t])
-            rows.append(expanded)
-        length = max(len(r) for r in rows)
-        ids_out = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-        mask_out = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            sl = slice(length - len(row), length) if padding_side == "left" else slice(0, len(row))
-            ids_out[i, sl] = torch.tensor(row, dtype=torch.long)
-            mask_out[i, sl] = 1
-        return ids_out.to(input_ids.device), mask_out.to(input_ids.device)
+            return input_ids, attention_mask, labels
+        if padding_side is None:
+            padding_side = "left" if bool((attention_mask[:, 0] == 0).any()) else "right"
+        id_rows, label_rows = [], []
+        label_list = labels.tolist() if labels is not None else [None] * len(input_ids)
+        for ids, mask, row_labels in zip(input_ids.tolist(), attention_mask.tolist(), label_list, strict=True):
+            keep = [i for i, m in enumerate(mask) if m]
+            expanded, expanded_labels = [], []
+            for i in keep:
+                n = num_image_tokens if ids[i] == IMAGE_TOKEN_INDEX else 1
+                expanded += [ids[i]] * n
+                if row_labels is not None:
+                    expanded_labels += [IGNORE_INDEX] * n if ids[i] == IMAGE_TOKEN_INDEX else [row_labels[i]]
+            id_rows.append(expanded)
+            label_rows.append(expanded_labels)
+        ids_out, mask_out = pad_sequences(id_rows, pad_token_id, padding_side)
+        labels_out = pad_sequences(label_rows, IGNORE_INDEX, padding_side)[0] if labels is not None else None
+        device = input_ids.device
+        return ids_out.to(device), mask_out.to(device), None if labels_out is None else labels_out.to(device)
 
     def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         mask = input_ids == IMAGE_TOKEN_INDEX
@@ -349,7 +365,9 @@ class FastVLM(nn.Module):
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values)
         tokens = image_features.shape[1] if image_features is not None else self.config.num_image_tokens()
-        input_ids, attention_mask = self.expand_image_markers(input_ids, attention_mask, tokens)
+        if labels is not None:
+            labels = labels.to(self.device)
+        input_ids, attention_mask, labels = self.expand_image_markers(input_ids, attention_mask, tokens, labels=labels)
         embeds = self.embed(input_ids, image_features)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         return self.language_model(
@@ -423,6 +441,9 @@ class FastVLM(nn.Module):
         if config.image_token_id is None:  # the authors' checkpoints: use the tokenizer's <image>, if it has one
             config.image_token_id = _vocab_image_token(model.tokenizer, config.text.vocab_size)
         model.source_path = folder
+        generation_config = folder / "generation_config.json"
+        if generation_config.is_file():
+            model.generation_eos_token_id = json.loads(generation_config.read_text()).get("eos_token_id")
         if fuse:
             model.vision_tower.fuse()
         return model.eval()
@@ -444,11 +465,16 @@ class FastVLM(nn.Module):
         return model.to(dtype).eval()
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, directory: str | os.PathLike, format: str = "fastvlm") -> Path:
+    def save_pretrained(
+        self, directory: str | os.PathLike, format: str = "fastvlm", *, overwrite: bool = False
+    ) -> Path:
         """Write a checkpoint folder in our format, the authors' (``apple``) or transformers' (``hf``).
 
-        The folder is written next to its destination and renamed into place, so a
-        failure never leaves a half-written checkpoint.
+        Everything is written to a staging folder first and moved into place at the end,
+        so a failure never leaves a half-written checkpoint. An existing non-empty folder
+        is refused unless ``overwrite``; then only the files written here (and stale
+        weight files, which would shadow the new ones) are replaced: nothing else in the
+        folder is touched.
         """
         if format not in ("fastvlm", "apple", "hf"):
             raise ValueError(f"unknown format {format!r}; expected fastvlm, apple or hf")
@@ -457,11 +483,13 @@ class FastVLM(nn.Module):
                 "this model's vision tower is fused for inference and no longer has checkpoint tensors; "
                 "load it with fuse=False to save or convert it"
             )
-        directory = Path(directory)
-        config = self.config
-        if format == "hf" and config.image_token_id is None:
-            config = self._with_image_token()
+        directory = Path(directory).resolve()
+        if directory.exists() and (not directory.is_dir() or (any(directory.iterdir()) and not overwrite)):
+            raise FileExistsError(f"{directory} exists and is not an empty folder; pass overwrite=True (--overwrite)")
+        config, tokenizer = self.config, self.tokenizer
         state = dict(self.state_dict())
+        if format == "hf" and config.image_token_id is None:
+            config, tokenizer, state = self._add_image_token(state)
         if config.text.tie_word_embeddings:
             state.pop("language_model.lm_head.weight", None)
         if format == "hf":  # transformers' format has no place for the unused CLIP head (its converter drops it)
@@ -469,29 +497,62 @@ class FastVLM(nn.Module):
         names = model_keys_from_ours(state, format, config.vision)
         tensors = {names[k]: v for k, v in state.items()}
         directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging.", dir=directory.parent))
         try:
             save_safetensors_atomic(tensors, staging / "model.safetensors", metadata={"format": "pt"})
             (staging / "config.json").write_text(json.dumps(config.to_checkpoint_config(format), indent=2) + "\n")
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(staging)
-            if directory.exists():
-                shutil.rmtree(directory)
-            staging.rename(directory)
-        except BaseException:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            if not directory.exists():
+                staging.rename(directory)
+                return directory
+            for stale in _weight_files(directory):
+                stale.unlink()
+            for item in staging.iterdir():
+                os.replace(item, directory / item.name)
+        finally:
             shutil.rmtree(staging, ignore_errors=True)
-            raise
         return directory
 
-    def _with_image_token(self) -> FastVLMConfig:
-        """Config with an image token id for transformers' format, taken from the tokenizer's ``<image>``."""
-        token_id = _vocab_image_token(self.tokenizer, self.config.text.vocab_size)
+    def _add_image_token(self, state: dict[str, torch.Tensor]):
+        """(config, tokenizer, state) with an ``<image>`` token, as transformers' format needs.
+
+        Uses the tokenizer's ``<image>`` when it has one; otherwise (the released authors'
+        checkpoints) adds it to a copy of the tokenizer, as transformers' converter does,
+        growing the embedding rows (new rows zero: the image token's embedding is never
+        read, image features replace it) only when the id falls outside the vocabulary.
+        """
+        import copy
+
+        if self.tokenizer is None:
+            raise ValueError("converting to transformers' format needs the checkpoint's tokenizer (none was found)")
+        tokenizer = self.tokenizer
+        token_id = _vocab_image_token(tokenizer, self.config.text.vocab_size)
+        text = self.config.text
         if token_id is None:
-            raise ValueError(
-                "converting to transformers' format needs an '<image>' token inside the vocabulary; "
-                "this checkpoint's tokenizer has none"
-            )
-        return FastVLMConfig(**{**self.config.__dict__, "image_token_id": token_id})
+            tokenizer = copy.deepcopy(tokenizer)
+            tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+            token_id = tokenizer.convert_tokens_to_ids("<image>")
+            if token_id >= text.vocab_size:
+                new_vocab = -(-(token_id + 1) // 64) * 64  # transformers' converter pads to a multiple of 64
+                state = dict(state)
+                for key in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+                    if key in state:
+                        old = state[key]
+                        state[key] = torch.cat([old, old.new_zeros(new_vocab - old.shape[0], old.shape[1])])
+                text = Qwen2Config(**{**text.to_dict(), "vocab_size": new_vocab})
+        config = FastVLMConfig(**{**self.config.__dict__, "text": text, "image_token_id": token_id})
+        return config, tokenizer, state
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    patterns = (
+        "model*.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model*.bin",
+        "pytorch_model.bin.index.json",
+    )
+    return [p for pattern in patterns for p in folder.glob(pattern)]
 
 
 def _vocab_image_token(tokenizer, vocab_size: int) -> int | None:

@@ -221,3 +221,19 @@ def tokenize_prompt(tokenizer, prompt: str) -> list[int]:
                 chunk_ids = chunk_ids[1:]  # one BOS at the very start only
             ids.extend(chunk_ids)
     return ids
+
+
+def pad_sequences(
+    rows: Sequence[Sequence[int]], pad_value: int, side: str = "left"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length id lists into [B, L] (padded on ``side``) and the matching attention mask."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    length = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), length), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(length - len(row), length) if side == "left" else slice(0, len(row))
+        ids[i, span] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask

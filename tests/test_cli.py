@@ -157,3 +157,13 @@ def test_chat_answers_each_line(monkeypatch, capsys):
     out = capsys.readouterr().out
     golden = json.loads(fixture_path("apple_fastvlm_tiny", "golden.json").read_text())
     assert out.count("fastvlm> ") == 2 and golden["greedy_text"] in out
+
+
+def test_bad_devices_and_benchmark_arguments_are_one_line_errors(capsys):
+    assert main(_predict_args("--prompt", "hi", "--device", "bogus")) == 2
+    assert "unknown device 'bogus'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(_predict_args("--prompt", "hi", "--device", "cuda")) == 2
+        assert "sees no CUDA device" in capsys.readouterr().err
+    assert main(["bench-ttft", "--repeats", "0"]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err

@@ -190,3 +190,59 @@ def test_fused_model_refuses_to_save(tmp_path):
     with pytest.raises(ValueError, match="fused for inference"):
         model.save_pretrained(tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_saving_never_touches_unrelated_files(tmp_path):
+    model = FastVLM.from_pretrained(fixture_path("apple_fastvlm_tiny"), fuse=False)
+    target = tmp_path / "work"
+    target.mkdir()
+    (target / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        model.save_pretrained(target, format="hf")
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+    model.save_pretrained(target, format="hf", overwrite=True)
+    model.save_pretrained(target, format="apple", overwrite=True)  # a second format over the first
+    assert (target / "notes.txt").read_text() == "precious"
+    assert json.loads((target / "config.json").read_text())["model_type"] == "llava_qwen2"
+    assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
+    FastVLM.from_pretrained(target)
+
+
+@pytest.mark.parametrize("grow", [False, True])
+def test_authors_checkpoint_without_image_token_converts_to_transformers_format(tmp_path, grow):
+    """Released authors' tokenizers have no <image>: conversion adds it, as transformers' converter does.
+
+    The new id fits in the embedding (like 151646 < 151936 for Qwen2) or, with ``grow``,
+    falls outside it, and the embedding gains rows up to a multiple of 64.
+    """
+    source = tmp_path / "apple"
+    shutil.copytree(fixture_path("apple_fastvlm_tiny"), source)
+    tok = json.loads((source / "tokenizer.json").read_text())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<image>"]
+    tok["model"]["vocab"].pop("<image>", None)
+    if grow:  # one more token takes the last free id, so <image> lands at 387 = vocab_size
+        tok["added_tokens"].append({"id": 386, "content": "<extra>", "single_word": False, "lstrip": False,
+                                    "rstrip": False, "normalized": False, "special": True})  # fmt: skip
+    (source / "tokenizer.json").write_text(json.dumps(tok))
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config["extra_special_tokens"] = [t for t in config.get("extra_special_tokens", []) if t != "<image>"]
+    (source / "tokenizer_config.json").write_text(json.dumps(config))
+
+    model = FastVLM.from_pretrained(source, fuse=False)
+    assert model.config.image_token_id is None
+    model.save_pretrained(tmp_path / "hf", format="hf")
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    token_id = hf_config["image_token_index"]
+    assert token_id == (387 if grow else 386)
+    assert hf_config["text_config"]["vocab_size"] == (448 if grow else 387)
+    converted = FastVLM.from_pretrained(tmp_path / "hf")
+    assert converted.tokenizer.convert_tokens_to_ids("<image>") == token_id
+    golden, tensors = _golden("apple_fastvlm_tiny")
+    result = converted.generate(image=fixture_path(*IMAGE), prompt=golden["prompt"], max_new_tokens=12)
+    assert result.token_ids == golden["greedy_token_ids"]
+    hf_ids = tensors["input_ids"][0].tolist()
+    i = hf_ids.index(-200)
+    ids = torch.tensor([hf_ids[:i] + [token_id] * 16 + hf_ids[i + 1 :]])
+    with torch.inference_mode():
+        logits = converted(ids, pixel_values=tensors["pixel_values"]).logits[..., :387]
+    assert_close_to_reference(logits, tensors["logits"])

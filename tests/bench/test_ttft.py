@@ -22,6 +22,5 @@ def test_ttft_rows_on_a_tiny_model(monkeypatch):
     assert [r.prompt_tokens for r in rows] == [11, 14]
     for r in rows:
         assert r.vision_ms > 0 and r.prefill_ms > 0 and r.decode_tokens_per_s > 0
-        assert r.ttft_ms >= r.vision_ms + r.prefill_ms - 1e-6
         assert r.dtype == "float32" and r.device == "cpu"
     assert "| cpu | float32 | 0.5b | 128 | 4 | 14 |" in ttft.format_ttft_table(rows)
