@@ -72,7 +72,10 @@ _MOBILEONE = {
         ("se.expand", "se.fc2"),
     ],
 }
-_LARGE_KERNEL = {"apple": [("reparam_conv", "lkb_reparam"), ("large_conv", "lkb_origin")], "timm": []}
+_LARGE_KERNEL = {
+    "apple": [("reparam_conv", "lkb_reparam"), ("large_conv", "lkb_origin")],
+    "timm": [("se.reduce", "se.fc1"), ("se.expand", "se.fc2")],
+}
 _POS_EMBED = {"apple": [("pos_conv", "pe")], "timm": [("pos_conv", "pos_enc")]}
 _BLOCK = {
     "apple": [("mlp", "convffn")] + _MOBILEONE["apple"],
@@ -307,7 +310,7 @@ def infer_tower_config(ours: Mapping[str, torch.Tensor], keep_head: bool = False
             "tower state dict has neither stem.0.reparam_conv.weight (inference form) nor "
             "stem.0.conv_branches.0.conv.weight (training form)"
         )
-    depths, widths, mixers, pos, ratios = [], [], [], [], []
+    depths, widths, mixers, pos, ratios, se = [], [], [], [], [], []
     for s in stages:
         blocks = {int(m[1]) for k in ours if (m := re.match(rf"^stages\.{s}\.blocks\.(\d+)\.", k))}
         if not blocks:
@@ -320,6 +323,7 @@ def infer_tower_config(ours: Mapping[str, torch.Tensor], keep_head: bool = False
         ratios.append(fc1[0] / fc1[1])
         mixers.append("attention" if f"stages.{s}.blocks.0.token_mixer.qkv.weight" in ours else "repmixer")
         pos.append(any(k.startswith(f"stages.{s}.pos_embed.") for k in ours))
+        se.append(f"stages.{s}.downsample.spatial.se.reduce.weight" in ours)
 
     def kernel_side(default: int, *keys: str) -> int:
         """Last dim of the first of ``keys`` present (a square kernel's side), else ``default``."""
@@ -341,6 +345,7 @@ def infer_tower_config(ours: Mapping[str, torch.Tensor], keep_head: bool = False
         token_mixers=tuple(mixers),
         pos_embeds=tuple(pos),
         mlp_ratios=tuple(ratios),
+        se_downsamples=tuple(se),
         cls_ratio=final[0] / widths[-1],
         repmixer_kernel=kernel_side(3, f"{rep}.reparam_conv.weight", f"{rep}.mixer.conv_branches.0.conv.weight"),
         pos_embed_kernel=kernel_side(7, f"{cpe}.reparam_conv.weight", f"{cpe}.pos_conv.weight"),

@@ -28,6 +28,9 @@ class FastViTConfig:
     # A RepCPE (7x7 depthwise conditional positional encoding) runs before these stages.
     pos_embeds: tuple[bool, ...] = (False, False, False, True, True)
     mlp_ratios: tuple[float, ...] = (4.0, 4.0, 4.0, 4.0, 4.0)
+    # Squeeze-excitation inside the patch embedding before each stage (MobileCLIP's MCi0-2 use it;
+    # FastViTHD drops it because it slows high resolutions down).
+    se_downsamples: tuple[bool, ...] | None = None
     cls_ratio: float = 2.0
     head_dim: int = 32
     repmixer_kernel: int = 3
@@ -44,7 +47,9 @@ class FastViTConfig:
 
     def __post_init__(self) -> None:
         n = len(self.depths)
-        for name in ("widths", "token_mixers", "pos_embeds", "mlp_ratios"):
+        if self.se_downsamples is None:
+            object.__setattr__(self, "se_downsamples", (False,) * n)
+        for name in ("widths", "token_mixers", "pos_embeds", "mlp_ratios", "se_downsamples"):
             if len(getattr(self, name)) != n:
                 raise ValueError(
                     f"FastViTConfig.{name} has {len(getattr(self, name))} entries, expected one per stage ({n})"
@@ -107,3 +112,17 @@ class FastViTConfig:
 def fastvithd_config(**overrides) -> FastViTConfig:
     """FastViTHD as in the paper and the released FastVLM checkpoints (``mobileclip_l``)."""
     return FastViTConfig(**overrides)
+
+
+def mci2_config(**overrides) -> FastViTConfig:
+    """FastViT MCi2, MobileCLIP-S2's image tower: the paper's "FastViT" baseline (35.7M with its head)."""
+    values = dict(
+        depths=(4, 12, 24, 4),
+        widths=(80, 160, 320, 640),
+        token_mixers=("repmixer", "repmixer", "repmixer", "attention"),
+        pos_embeds=(False, False, False, True),
+        mlp_ratios=(3.0, 3.0, 3.0, 3.0),
+        se_downsamples=(False, False, True, True),
+        projection_dim=512,
+    )
+    return FastViTConfig(**{**values, **overrides})

@@ -54,7 +54,12 @@ class FastViTStage(nn.Module):
         train = not config.inference_mode
         self.downsample = (
             PatchEmbed(
-                config.widths[index - 1], dim, config.down_kernel, config.down_small_kernel, inference_mode=not train
+                config.widths[index - 1],
+                dim,
+                config.down_kernel,
+                config.down_small_kernel,
+                use_se=config.se_downsamples[index],
+                inference_mode=not train,
             )
             if index > 0
             else None

@@ -259,10 +259,12 @@ class LargeKernelConv(nn.Module):
         stride: int,
         small_kernel: int | None = 3,
         *,
+        use_se: bool = False,
         inference_mode: bool = True,
     ) -> None:
         super().__init__()
         self.in_ch, self.out_ch, self.kernel_size, self.stride = in_ch, out_ch, kernel_size, stride
+        self.se = SEBlock(out_ch, rd_ratio=0.25) if use_se else nn.Identity()
         self.act = nn.GELU()
         self.fused = False
         self.channel_repeat = 1  # fused form: input channels repeated to make the conv depthwise
@@ -275,14 +277,17 @@ class LargeKernelConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            return conv_gelu(self.reparam_conv, repeat_channels(x, self.channel_repeat))
+            x = repeat_channels(x, self.channel_repeat)
+            if isinstance(self.se, nn.Identity):
+                return conv_gelu(self.reparam_conv, x)
+            return self.act(self.se(self.reparam_conv(x)))
         if self.reparam_conv is not None:
             out = self.reparam_conv(x)
         else:
             out = self.large_conv(x)
             if self.small_conv is not None:
                 out = out + self.small_conv(x)
-        return self.act(out)
+        return self.act(self.se(out))
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -525,10 +530,19 @@ class PatchEmbed(nn.Module):
     """Stride-2 downsampling between stages: large-kernel depthwise conv, then 1x1 MobileOne."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, kernel_size: int = 7, small_kernel: int = 3, *, inference_mode: bool = True
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel_size: int = 7,
+        small_kernel: int = 3,
+        *,
+        use_se: bool = False,
+        inference_mode: bool = True,
     ) -> None:
         super().__init__()
-        self.spatial = LargeKernelConv(in_ch, out_ch, kernel_size, 2, small_kernel, inference_mode=inference_mode)
+        self.spatial = LargeKernelConv(
+            in_ch, out_ch, kernel_size, 2, small_kernel, use_se=use_se, inference_mode=inference_mode
+        )
         self.pointwise = MobileOneBlock(out_ch, out_ch, 1, inference_mode=inference_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
