@@ -1,6 +1,7 @@
 """The ``fastvlm`` command line.
 
 Subcommands:
+  bench [--quick]                          the paper's efficiency study: encoders, resolutions, LLMs, TTFT, plots
   predict --model M --image F --prompt P   answer a question about an image (streams; --json for details)
   chat --model M [--image F]               an interactive conversation about an image
   convert SRC DST --format F               rewrite a FastVLM checkpoint folder (fastvlm, apple or hf format)
@@ -244,6 +245,35 @@ def cmd_bench_encoder(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from fastvlm.bench.report import markdown_report, write_report
+    from fastvlm.bench.study import (
+        DEFAULT_ENCODERS,
+        DEFAULT_RESOLUTIONS,
+        QUICK_ENCODERS,
+        QUICK_RESOLUTIONS,
+        run_study,
+    )
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    encoders = args.encoders or (QUICK_ENCODERS if args.quick else DEFAULT_ENCODERS)
+    resolutions = args.resolutions or (QUICK_RESOLUTIONS if args.quick else DEFAULT_RESOLUTIONS)
+    llms = args.llms if args.llms is not None else (["qwen2-0.5b"] if args.quick else ["qwen2-0.5b", "qwen2-1.5b"])
+    repeats = args.repeats or (1 if args.quick else 3)
+    if any(r < 64 for r in resolutions) or repeats < 1:
+        raise CLIError("resolutions must be at least 64 px and --repeats at least 1")
+    device = args.device
+    _check_device(device)
+    results = run_study(encoders, resolutions, llms, device=device, dtype=_DTYPES[args.dtype],
+                        llm_dtype=_DTYPES[args.llm_dtype] if args.llm_dtype else None, repeats=repeats,
+                        tiling=args.tiling, meta=machine_description())  # fmt: skip
+    out = Path(args.out)
+    files = write_report(results, out)
+    print(markdown_report(results))
+    print("wrote " + ", ".join(str(f) for f in files))
+
+
 def cmd_bench_ttft(args: argparse.Namespace) -> None:
     from fastvlm.bench.measure import write_rows_json
     from fastvlm.bench.ttft import format_ttft_table, run_ttft_benchmark
@@ -321,6 +351,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reparameterize", action="store_true", help="convert a training-form tower to the inference form")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert_tower)
+
+    from fastvlm.bench.study import LLM_NAMES
+    from fastvlm.vision.baselines import ENCODERS
+
+    p = sub.add_parser("bench", help="the paper's efficiency study (encoders, resolutions, LLMs; tables and plots)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="FastViTHD vs ViT-L/14 vs ConvNeXt-L at 256/512/1024 px, Qwen2-0.5B prefill (a few minutes)",
+    )
+    p.add_argument("--encoders", nargs="+", choices=sorted(ENCODERS), help="default: all six")
+    p.add_argument("--resolutions", type=int, nargs="+", help="input sides in px (default 256 512 768 1024)")
+    p.add_argument(
+        "--llms",
+        nargs="*",
+        choices=LLM_NAMES,
+        help="decoders for TTFT (default qwen2-0.5b qwen2-1.5b; 7B ones run in bf16 or are skipped "
+        "when memory is short; pass no names for encoders only)",
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="encoder dtype")
+    p.add_argument("--llm-dtype", choices=sorted(_DTYPES), help="default: fp32 (bf16 for 7B models and on GPU)")
+    p.add_argument(
+        "--tiling",
+        action="store_true",
+        help="also the paper's AnyRes: 2x2 tiles + a global view at twice the largest side",
+    )
+    p.add_argument("--repeats", type=int, help="timed runs after the warm-up (default 3; 1 with --quick)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", default="results/bench", help="folder for results.json, results.md and the plots")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("bench-ttft", help="TTFT of a FastVLM-sized model (random weights) by resolution")
     p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512, 768, 1024])
