@@ -23,6 +23,8 @@ from fastvlm.bench.paper import (
     PUBLISHED_AVG5,
     PUBLISHED_PARAMS_M,
     PUBLISHED_TTFT_MS,
+    TILED_TTFT_MS,
+    TILED_VISION_MS,
 )
 from fastvlm.vision.baselines import ENCODERS, build_encoder
 
@@ -51,6 +53,7 @@ class EncoderResult:
     latency_ms: float
     peak_mb: float | None
     paper_latency_ms: float | None
+    paper_source: str | None
     device: str
     dtype: str
 
@@ -78,6 +81,7 @@ class TTFTResult:
     paper_ttft_ms: float | None
     published_avg5: float | None
     avg5_source: str | None
+    recipe: str | None
 
 
 @dataclass
@@ -140,13 +144,13 @@ def build_llm(name: str, *, device: torch.device, dtype: torch.dtype, config=Non
     config = config or llm_config(name)
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config).to(dtype)  # allocate in the target dtype only
     need = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_memory_bytes()
     if free is not None and need * 1.2 > free:
         return (f"{name} skipped: its {dtype} weights need {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB "
                 f"is free on {device}")  # fmt: skip
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -239,16 +243,22 @@ def run_study(
                 latency, peak = warm_then_time(call, dev, repeats, with_peak=True)
             meta_pixels = torch.empty(tiles, 3, tile_side, tile_side, device="meta")
             flops = count_flops(functools.partial(spec.encode, meta_model, meta_pixels))
+            del call, pixels
+            if tiles > 1:
+                paper_ms, paper_source = TILED_VISION_MS.get((name, side)), "Tab. 10 (AnyRes)"
+            else:
+                paper_ms, paper_source = ENCODER_LATENCY_MS.get((name, side), (None, None))
             results.encoders.append(EncoderResult(
                 encoder=name, label=spec.label, resolution=side, input_px=tile_side, tiles=tiles,
                 tokens=tiles * spec.tokens(tile_side), params_m=round(params, 2),
                 published_params_m=PUBLISHED_PARAMS_M.get(name), gflops=round(flops / 1e9, 2),
-                latency_ms=latency, peak_mb=peak,
-                paper_latency_ms=ENCODER_LATENCY_MS.get((name, side)) if tiles == 1 else None,
+                latency_ms=latency, peak_mb=peak, paper_latency_ms=paper_ms, paper_source=paper_source,
                 device=device, dtype=str(dtype).removeprefix("torch."),
             ))  # fmt: skip
             bar.update()
         del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()  # what mem_get_info reports as free must be free for the LLMs
 
     token_counts = sorted({r.tokens for r in results.encoders})
     for llm in llms:
@@ -265,6 +275,8 @@ def run_study(
             results.prefill.append(PrefillResult(llm, n, ms, PREFILL_MS.get((llm, n)), device,
                                                  str(ldtype).removeprefix("torch.")))  # fmt: skip
         del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
         bar.update()
     bar.close()
 
@@ -274,13 +286,13 @@ def run_study(
             if (llm, enc.tokens) not in prefill:
                 continue
             key = (enc.encoder, enc.resolution, llm)
-            source, avg5 = PUBLISHED_AVG5.get(key, (None, None)) if enc.tiles == 1 else (None, None)
+            source, recipe, avg5 = PUBLISHED_AVG5.get(key, (None, None, None)) if enc.tiles == 1 else (None,) * 3
+            paper_ttft = PUBLISHED_TTFT_MS.get(key) if enc.tiles == 1 else TILED_TTFT_MS.get(key)
             results.ttft.append(TTFTResult(
                 encoder=enc.encoder, resolution=enc.resolution, tiles=enc.tiles, llm=llm, tokens=enc.tokens,
                 vision_ms=enc.latency_ms, prefill_ms=prefill[(llm, enc.tokens)],
                 ttft_ms=enc.latency_ms + prefill[(llm, enc.tokens)],
-                paper_ttft_ms=PUBLISHED_TTFT_MS.get(key) if enc.tiles == 1 else None,
-                published_avg5=avg5, avg5_source=source,
+                paper_ttft_ms=paper_ttft, published_avg5=avg5, avg5_source=source, recipe=recipe,
             ))  # fmt: skip
     results.ratios = compute_ratios(results, llms)
     return results
@@ -291,7 +303,7 @@ def compute_ratios(results: StudyResults, llms: list[str]) -> list[RatioResult]:
     latency = {(e.encoder, e.resolution): e for e in results.encoders if e.tiles == 1}
     ttft = {(t.encoder, t.resolution, t.llm): t.ttft_ms for t in results.ttft if t.tiles == 1}
     out = []
-    for claim, kind, num, den, paper, source in PAPER_RATIOS:
+    for claim, kind, num, den, paper, source, claim_llm in PAPER_RATIOS:
         ours, note = None, ""
         if num not in latency or den not in latency:
             note = f"not measured: needs {num[0]}@{num[1]} and {den[0]}@{den[1]}"
@@ -299,12 +311,16 @@ def compute_ratios(results: StudyResults, llms: list[str]) -> list[RatioResult]:
             ours = latency[num].latency_ms / latency[den].latency_ms
         elif kind == "tokens":
             ours = latency[num].tokens / latency[den].tokens
-        else:
-            pairs = [(llm, ttft[(*num, llm)] / ttft[(*den, llm)]) for llm in llms
-                     if (*num, llm) in ttft and (*den, llm) in ttft]  # fmt: skip
-            if pairs:
-                ours, note = pairs[0][1], f"ours with {pairs[0][0]}"
-            else:
+        elif kind == "params":
+            ours = latency[num].params_m / latency[den].params_m
+        else:  # TTFT: with the claim's own LLM when measured, else the first measured one (said so)
+            measured = [llm for llm in llms if (*num, llm) in ttft and (*den, llm) in ttft]
+            llm = claim_llm if claim_llm in measured else (measured[0] if measured else None)
+            if llm is None:
                 note = "not measured: no LLM prefill"
-        out.append(RatioResult(claim, None if ours is None else round(ours, 2), round(paper, 2), source, note))
+            else:
+                ours = ttft[(*num, llm)] / ttft[(*den, llm)]
+                note = f"ours with {llm}" + ("" if llm == claim_llm else f"; the paper's is with {claim_llm}")
+        paper_note = f"{source} ({claim_llm})" if claim_llm else source
+        out.append(RatioResult(claim, None if ours is None else round(ours, 2), round(paper, 2), paper_note, note))
     return out

@@ -85,10 +85,16 @@ def test_study_schema_ratios_and_files(monkeypatch, tmp_path):
     ttft = {(t.encoder, t.resolution): t.ttft_ms for t in results.ttft if t.tiles == 1}
     assert vit.ours == round(ttft[("vit_l14", 336)] / ttft[("fastvithd", 1024)], 2) and vit.paper == 2.25
     assert r["ViT-L/14@336 / FastViTHD@1024 visual tokens"].ours == 2.25
-    assert r["ConvNeXt-L@1024 / FastViTHD@1024 encoder latency"].ours is None
-    assert "not measured" in r["ConvNeXt-L@1024 / FastViTHD@1024 encoder latency"].note
+    assert vit.note == "ours with qwen2-0.5b; the paper's is with vicuna-7b"
+    params = r["ViT-L/14 / FastViTHD parameters"]
+    assert params.ours == round(sides[("vit_l14", 336, 1)].params_m / sides[("fastvithd", 1024, 1)].params_m, 2)
+    assert r["ConvNeXt-L@512 / FastViTHD@512 encoder latency"].ours is None
+    assert "not measured" in r["ConvNeXt-L@512 / FastViTHD@512 encoder latency"].note
     qwen_point = [t for t in results.ttft if (t.encoder, t.resolution, t.llm) == ("fastvithd", 1024, "qwen2-0.5b")]
     assert qwen_point[0].published_avg5 == 66.6 and qwen_point[0].paper_ttft_ms == 166
+    assert qwen_point[0].recipe == "scaled recipe (15M+1.1M)"
+    tiled = [t for t in results.ttft if t.tiles == 5 and t.encoder == "fastvithd"]
+    assert tiled[0].paper_ttft_ms == 918 and sides[("fastvithd", 2048, 5)].paper_latency_ms == 581.5
 
     files = write_report(results, tmp_path)
     assert [f.name for f in files] == ["results.json", "results.md", "fig3_latency_vs_resolution.png",
@@ -109,3 +115,22 @@ def test_llm_skipped_with_a_message_when_memory_is_short(monkeypatch):
 
 def test_pareto_front():
     assert _pareto([(100, 60), (50, 55), (200, 58), (300, 65), (40, 50)]) == [(40, 50), (50, 55), (100, 60), (300, 65)]
+
+
+def test_ttft_ratio_uses_the_claims_llm_when_measured():
+    def enc(name, side, ms):
+        return study.EncoderResult(name, name, side, side, 1, 1, 1.0, None, 1.0, ms, None, None, None, "cpu", "fp32")
+
+    def ttft(name, side, llm, ms):
+        return study.TTFTResult(name, side, 1, llm, 1, 0.0, ms, ms, None, None, None, None)
+
+    results = study.StudyResults(
+        meta={},
+        encoders=[enc("vit_l14", 336, 10.0), enc("fastvithd", 1024, 5.0)],
+        ttft=[ttft("vit_l14", 336, "qwen2-0.5b", 100.0), ttft("fastvithd", 1024, "qwen2-0.5b", 10.0),
+              ttft("vit_l14", 336, "vicuna-7b", 60.0), ttft("fastvithd", 1024, "vicuna-7b", 30.0)],
+    )  # fmt: skip
+    ratios = {r.claim: r for r in study.compute_ratios(results, ["qwen2-0.5b", "vicuna-7b"])}
+    vit = ratios["ViT-L/14@336 / FastViTHD@1024 TTFT"]
+    assert vit.ours == 2.0 and vit.note == "ours with vicuna-7b"
+    assert ratios["ViT-L/14@336 / FastViTHD@1024 encoder latency"].ours == 2.0
