@@ -251,6 +251,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         DEFAULT_ENCODERS,
         DEFAULT_RESOLUTIONS,
         QUICK_ENCODERS,
+        LLM_NAMES,
         QUICK_RESOLUTIONS,
         run_study,
     )
@@ -259,7 +260,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     encoders = args.encoders or (QUICK_ENCODERS if args.quick else DEFAULT_ENCODERS)
     resolutions = args.resolutions or (QUICK_RESOLUTIONS if args.quick else DEFAULT_RESOLUTIONS)
-    llms = args.llms if args.llms is not None else (["qwen2-0.5b"] if args.quick else ["qwen2-0.5b", "qwen2-1.5b"])
+    llms = args.llms if args.llms is not None else (["qwen2-0.5b"] if args.quick else LLM_NAMES)
     repeats = args.repeats or (1 if args.quick else 3)
     if any(r < 64 for r in resolutions) or repeats < 1:
         raise CLIError("resolutions must be at least 64 px and --repeats at least 1")
@@ -367,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--llms",
         nargs="*",
         choices=LLM_NAMES,
-        help="decoders for TTFT (default qwen2-0.5b qwen2-1.5b; 7B ones run in bf16 or are skipped "
-        "when memory is short; pass no names for encoders only)",
+        help="decoders for TTFT (default: all four; 7B ones run in bf16 or are skipped when memory is short; "
+        "pass no names for encoders only)",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="encoder dtype")
