@@ -250,8 +250,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from fastvlm.bench.study import (
         DEFAULT_ENCODERS,
         DEFAULT_RESOLUTIONS,
-        QUICK_ENCODERS,
         LLM_NAMES,
+        QUICK_ENCODERS,
         QUICK_RESOLUTIONS,
         run_study,
     )
