@@ -167,3 +167,20 @@ def test_bad_devices_and_benchmark_arguments_are_one_line_errors(capsys):
         assert "sees no CUDA device" in capsys.readouterr().err
     assert main(["bench-ttft", "--repeats", "0"]) == 2
     assert "--repeats must be at least 1" in capsys.readouterr().err
+
+
+def test_bench_command_writes_json_table_and_plots(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "--encoders", "fastvithd", "--resolutions", "64", "128", "--llms", "--repeats", "1",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| FastViTHD | 128 | 128 | 4 | 125.1 | 125.1 |" in printed
+    assert sorted(p.name for p in out.iterdir()) == [
+        "fig3_latency_vs_resolution.png",
+        "fig4_ttft_vs_accuracy.png",
+        "results.json",
+        "results.md",
+    ]  # fmt: skip  (no TTFT without an LLM, so no Fig. 2)
+    saved = json.loads((out / "results.json").read_text())
+    assert [e["tokens"] for e in saved["encoders"]] == [1, 4] and saved["prefill"] == []
