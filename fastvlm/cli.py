@@ -1,6 +1,8 @@
 """The ``fastvlm`` command line.
 
 Subcommands:
+  data synth --out DIR --num N             synthetic image-question-answer data (LLaVA format)
+  data check FILE [--image-root DIR]       read a LLaVA-format data file and report bad records
   bench [--quick]                          the paper's efficiency study: encoders, resolutions, LLMs, TTFT, plots
   predict --model M --image F --prompt P   answer a question about an image (streams; --json for details)
   chat --model M [--image F]               an interactive conversation about an image
@@ -245,6 +247,27 @@ def cmd_bench_encoder(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from fastvlm.train.synth import write_synthetic_dataset
+
+    files = write_synthetic_dataset(args.out, args.num, size=args.size, seed=args.seed,
+                                    test_fraction=args.test_fraction)  # fmt: skip
+    print(f"wrote {args.num} examples: {files['train']}, {files['test']} and {Path(args.out) / 'images'}")
+
+
+def cmd_data_check(args: argparse.Namespace) -> None:
+    from fastvlm.train.data import ReadReport, iter_records
+
+    report = ReadReport()
+    for _ in iter_records(args.path, image_root=args.image_root, report=report):
+        pass
+    print(f"{report.read} usable records, {len(report.skipped)} skipped")
+    for line in report.skipped[: args.show]:
+        print(f"  skipped {line}")
+    if len(report.skipped) > args.show:
+        print(f"  … and {len(report.skipped) - args.show} more")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from fastvlm.bench.report import markdown_report, write_report
     from fastvlm.bench.study import (
@@ -355,6 +378,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fastvlm.bench.study import LLM_NAMES
     from fastvlm.vision.baselines import ENCODERS
+
+    data = sub.add_parser("data", help="training data: synthetic sets, checks").add_subparsers(
+        dest="data_command", required=True
+    )
+    p = data.add_parser("synth", help="write a synthetic image-question-answer set in LLaVA's format")
+    p.add_argument("--out", required=True, help="folder for images/, train.jsonl and test.jsonl")
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--size", type=int, default=512, help="canvas side in px")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-fraction", type=float, default=0.1, help="share held out in test.jsonl")
+    p.set_defaults(func=cmd_data_synth)
+    p = data.add_parser("check", help="read a LLaVA-format .json/.jsonl file and report records that cannot be used")
+    p.add_argument("path")
+    p.add_argument("--image-root", help="folder the records' image paths are relative to")
+    p.add_argument("--show", type=int, default=20, help="how many skipped records to list")
+    p.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser("bench", help="the paper's efficiency study (encoders, resolutions, LLMs; tables and plots)")
     p.add_argument(

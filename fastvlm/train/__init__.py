@@ -1,0 +1,1 @@
+"""Training FastVLM: data (LLaVA conversations, synthetic sets); the trainer follows."""

@@ -1,0 +1,113 @@
+"""Synthetic image–question–answer data in LLaVA's format, for tests, demos and smoke training.
+
+Each image is a large canvas with a few coloured shapes and sometimes a short rendered
+word; each record asks one question whose answer is a single word (a colour, a shape, a
+count or the word), so answers can be scored by exact match. Generation is deterministic
+for a seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
+          "purple": (140, 60, 180), "orange": (240, 130, 30)}  # fmt: skip
+SHAPES = ("circle", "square", "triangle")
+WORDS = ("CAT", "SUN", "MAP", "BOX", "KEY", "RED", "SKY", "FOX", "CUP", "HAT")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+
+
+@dataclass
+class Shape:
+    kind: str
+    color: str
+    box: tuple[int, int, int, int]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
+    x0, y0, x1, y1 = shape.box
+    fill = COLORS[shape.color]
+    if shape.kind == "circle":
+        draw.ellipse(shape.box, fill=fill)
+    elif shape.kind == "square":
+        draw.rectangle(shape.box, fill=fill)
+    else:
+        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
+
+
+def _place(rng: random.Random, size: int, taken: list[tuple[int, int, int, int]], side: int):
+    """A free square cell for a shape of ``side`` px, or None after a few tries."""
+    for _ in range(50):
+        x, y = rng.randrange(0, size - side), rng.randrange(0, size - side)
+        box = (x, y, x + side, y + side)
+        if all(box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3] for b in taken):
+            return box
+    return None
+
+
+def make_example(rng: random.Random, size: int) -> tuple[Image.Image, str, str]:
+    """(image, question, one-word answer) for one random scene."""
+    img = Image.new("RGB", (size, size), (245, 245, 240))
+    draw = ImageDraw.Draw(img)
+    taken: list[tuple[int, int, int, int]] = []
+    kind = rng.choice(("color", "shape", "count", "word"))
+    side = size // 6
+    if kind == "word":
+        word = rng.choice(WORDS)
+        font = ImageFont.load_default(size=size // 6)
+        draw.text((size // 5, size // 3), word, fill=(20, 20, 20), font=font)
+        return img, "What word is written in the image? Answer with the word.", word
+    if kind == "count":
+        target, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        n = rng.randint(1, 4)
+        shapes = [Shape(target, color, (0, 0, 0, 0)) for _ in range(n)]
+        others = [s for s in SHAPES if s != target]
+        shapes += [Shape(rng.choice(others), rng.choice(list(COLORS)), (0, 0, 0, 0)) for _ in range(rng.randint(0, 2))]
+        question = f"How many {target}s are there? Answer with one word."
+        answer = NUMBER_WORDS[n]
+    else:
+        kinds = rng.sample(SHAPES, k=rng.randint(1, 3))
+        colors = rng.sample(list(COLORS), k=len(kinds))
+        shapes = [Shape(k, c, (0, 0, 0, 0)) for k, c in zip(kinds, colors, strict=True)]
+        pick = rng.choice(shapes)
+        if kind == "color":
+            question, answer = f"What color is the {pick.kind}? Answer with one word.", pick.color
+        else:
+            question, answer = f"Which shape is {pick.color}? Answer with one word.", pick.kind
+    for shape in shapes:
+        box = _place(rng, size, taken, side)
+        if box is None:  # no room: a simpler scene
+            return make_example(rng, size)
+        shape.box = box
+        taken.append(box)
+        _draw_shape(draw, shape)
+    return img, question, answer
+
+
+def write_synthetic_dataset(
+    out: str | Path, num: int, *, size: int = 512, seed: int = 0, test_fraction: float = 0.1, progress: bool = True
+) -> dict[str, Path]:
+    """Write ``images/``, ``train.jsonl`` and ``test.jsonl`` (LLaVA format) under ``out``."""
+    from tqdm.auto import tqdm
+
+    if num < 1 or not 0 <= test_fraction < 1:
+        raise ValueError("num must be at least 1 and test_fraction in [0, 1)")
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    n_test = int(round(num * test_fraction))
+    files = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
+    with files["train"].open("w") as train, files["test"].open("w") as test:
+        for i in tqdm(range(num), desc="synthetic data", disable=not progress, unit="image"):
+            img, question, answer = make_example(rng, size)
+            name = f"images/{i:06d}.png"
+            img.save(out / name)
+            record = {"id": f"synth-{i:06d}", "image": name, "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}  # fmt: skip
+            (test if i < n_test else train).write(json.dumps(record) + "\n")
+    return files

@@ -1,0 +1,126 @@
+"""LLaVA-format data: parsing, bad-record reporting, label masking, truncation; synthetic sets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+from transformers import AutoTokenizer
+
+from fastvlm.processing import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Conversation, tokenize_prompt
+from fastvlm.train.data import ReadReport, RecordError, iter_records, parse_record, tokenize_record
+from fastvlm.train.synth import write_synthetic_dataset
+from tests.conftest import fixture_path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(fixture_path("apple_fastvlm_tiny"))
+
+
+def _record(**changes):
+    raw = {"id": "r1", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                         {"from": "gpt", "value": "A red sign."},
+                                         {"from": "human", "value": "And the text?"},
+                                         {"from": "gpt", "value": "STOP"}]}  # fmt: skip
+    raw.update(changes)
+    return raw
+
+
+def test_only_assistant_answers_and_their_end_are_learned(tokenizer, tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    record = parse_record(_record(image="a.png"), image_root=tmp_path, where="t:1")
+    example = tokenize_record(tokenizer, record, num_image_tokens=16, max_length=512)
+    learned = [t for t in example.labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == "A red sign.<|im_end|>STOP<|im_end|>"
+    conv = Conversation()
+    for role, text in record.turns:
+        conv.add(role, text)
+    # the same ids the inference path produces for the same conversation
+    assert example.input_ids == tokenize_prompt(tokenizer, conv.prompt(add_generation_prompt=False))
+    assert example.input_ids.count(IMAGE_TOKEN_INDEX) == 1 and len(example.labels) == len(example.input_ids)
+
+
+def test_image_placeholder_is_added_when_missing_and_text_only_records_work(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    raw = _record(image="a.png")
+    raw["conversations"][0]["value"] = "What is it?"
+    record = parse_record(raw, image_root=tmp_path, where="t:1")
+    assert record.turns[0] == ("user", "<image>\nWhat is it?")
+    raw = _record()
+    raw["conversations"][0]["value"] = "Hello"
+    assert parse_record(raw, image_root=None, where="t:2").image is None
+
+
+def test_truncation_keeps_the_image_and_rejects_what_cannot_fit(tokenizer, tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    record = parse_record(_record(image="a.png"), image_root=tmp_path, where="t:1")
+    full = tokenize_record(tokenizer, record, num_image_tokens=16, max_length=4096)
+    cut = tokenize_record(tokenizer, record, num_image_tokens=16, max_length=len(full.input_ids) + 15 - 4)
+    assert cut.input_ids == full.input_ids[: len(full.input_ids) - 4] and IMAGE_TOKEN_INDEX in cut.input_ids
+    with pytest.raises(RecordError, match="visual tokens do not fit"):
+        tokenize_record(tokenizer, record, num_image_tokens=16, max_length=20)
+    first_answer = full.labels.index(next(t for t in full.labels if t != IGNORE_INDEX))
+    with pytest.raises(RecordError, match="nothing left to learn"):
+        tokenize_record(tokenizer, record, num_image_tokens=16, max_length=first_answer + 15)
+
+
+def test_bad_records_are_reported_with_line_and_id_or_rejected(tmp_path):
+    (tmp_path / "ok.png").write_bytes(b"")
+    lines = [
+        json.dumps(_record(id="good", image="ok.png")),
+        json.dumps(_record(id="noimg", image="missing.png")),
+        "{not json",
+        json.dumps({"id": "noanswer", "conversations": [{"from": "human", "value": "hi"}]}),
+        json.dumps(
+            _record(
+                id="twoimages",
+                image="ok.png",
+                conversations=[{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "x"}],
+            )
+        ),  # fmt: skip
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    report = ReadReport()
+    records = list(iter_records(data, image_root=tmp_path, report=report))
+    assert [r.id for r in records] == ["good"] and report.read == 1
+    assert report.skipped == [
+        f"data.jsonl:2 (id noimg): image file not found: {tmp_path / 'missing.png'}",
+        "data.jsonl:3: malformed JSON (Expecting property name enclosed in double quotes)",
+        "data.jsonl:4 (id noanswer): no assistant ('gpt') turn to learn from",
+        "data.jsonl:5 (id twoimages): 2 <image> placeholders for one image",
+    ]
+    with pytest.raises(RecordError, match="data.jsonl:2 \\(id noimg\\): image file not found"):
+        list(iter_records(data, image_root=tmp_path, strict=True))
+
+
+def test_json_list_files_are_read_too(tmp_path):
+    text_only = {"id": "a", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    (tmp_path / "d.json").write_text(json.dumps([text_only, {"id": "b"}, _record(id="c")]))
+    report = ReadReport()
+    assert [r.id for r in iter_records(tmp_path / "d.json", report=report)] == ["a"]
+    assert report.skipped == ["d.json[1] (id b): 'conversations' must be a non-empty list",
+                              "d.json[2] (id c): 1 <image> placeholder(s) but no 'image'"]  # fmt: skip
+
+
+def test_synthetic_set_is_valid_deterministic_and_answerable(tmp_path):
+    files = write_synthetic_dataset(tmp_path / "a", 30, size=256, seed=7, test_fraction=0.2, progress=False)
+    again = write_synthetic_dataset(tmp_path / "b", 30, size=256, seed=7, test_fraction=0.2, progress=False)
+    assert files["train"].read_text() == again["train"].read_text()
+    assert (tmp_path / "a" / "images" / "000003.png").read_bytes() == (
+        tmp_path / "b" / "images" / "000003.png"
+    ).read_bytes()
+    report = ReadReport()
+    train = list(iter_records(files["train"], image_root=tmp_path / "a", report=report, strict=True))
+    test = list(iter_records(files["test"], image_root=tmp_path / "a", strict=True))
+    assert (len(train), len(test)) == (24, 6) and not report.skipped
+    kinds = set()
+    for record in train + test:
+        answer = record.turns[1][1]
+        assert len(answer.split()) == 1
+        kinds.add(record.turns[0][1].split("\n")[1].split()[0])
+        with Image.open(record.image) as img:
+            assert img.size == (256, 256)
+    assert kinds == {"What", "How", "Which"}  # colour/word, count and shape questions all occur
