@@ -259,7 +259,7 @@ def cmd_data_check(args: argparse.Namespace) -> None:
     from fastvlm.train.data import ReadReport, iter_records
 
     report = ReadReport()
-    for _ in iter_records(args.path, image_root=args.image_root, report=report):
+    for _ in iter_records(args.path, image_root=args.image_root, report=report, strict=args.strict):
         pass
     print(f"{report.read} usable records, {len(report.skipped)} skipped")
     for line in report.skipped[: args.show]:
@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("check", help="read a LLaVA-format .json/.jsonl file and report records that cannot be used")
     p.add_argument("path")
-    p.add_argument("--image-root", help="folder the records' image paths are relative to")
+    p.add_argument("--image-root", help="folder the records' image paths are relative to (default: the file's)")
+    p.add_argument("--strict", action="store_true", help="fail (exit 2) at the first unusable record")
     p.add_argument("--show", type=int, default=20, help="how many skipped records to list")
     p.set_defaults(func=cmd_data_check)
 

@@ -65,8 +65,14 @@ def parse_record(raw: object, *, image_root: Path | None, where: str, check_imag
         turns.append((ROLES[turn["from"]], turn["value"]))
     if not any(role == "assistant" for role, _ in turns):
         raise RecordError(f"{label}: no assistant ('gpt') turn to learn from")
+    if turns[0][0] != "user":
+        raise RecordError(f"{label}: the conversation must start with a human turn")
+    if any(role == "assistant" and not text.strip() for role, text in turns):
+        raise RecordError(f"{label}: an assistant turn is empty")
     placeholders = sum(text.count(DEFAULT_IMAGE_TOKEN) for _, text in turns)
     image = raw.get("image")
+    if image is not None and not isinstance(image, str):
+        raise RecordError(f"{label}: 'image' must be one relative path (a string), got {type(image).__name__}")
     if image is None:
         if placeholders:
             raise RecordError(f"{label}: {placeholders} <image> placeholder(s) but no 'image'")
@@ -86,10 +92,14 @@ def iter_records(
     path: str | Path, *, image_root: str | Path | None = None, strict: bool = False,
     report: ReadReport | None = None, check_image: bool = True,
 ) -> Iterator[Record]:  # fmt: skip
-    """Records of a .json (list) or .jsonl file. Bad ones are skipped and noted in ``report``
-    (with file, line and id), or raise with ``strict``."""
+    """Records of a .jsonl file (streamed line by line) or a .json list (read whole).
+
+    Image paths are relative to ``image_root``, by default the data file's folder. Bad
+    records are skipped and noted in ``report`` (with file, line and id), or raise with
+    ``strict``.
+    """
     path = Path(path)
-    root = Path(image_root) if image_root is not None else None
+    root = Path(image_root) if image_root is not None else path.parent
     report = report if report is not None else ReadReport()
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -106,23 +116,24 @@ def iter_records(
         return record
 
     if path.suffix == ".jsonl":
-        with path.open() as f:
+        with path.open("rb") as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 where = f"{path.name}:{number}"
                 try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as err:
+                    raw = json.loads(line.decode("utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                    reason = f"{where}: malformed JSON ({getattr(err, 'msg', None) or 'not UTF-8'})"
                     if strict:
-                        raise RecordError(f"{where}: malformed JSON ({err.msg})") from None
-                    report.skipped.append(f"{where}: malformed JSON ({err.msg})")
+                        raise RecordError(reason) from None
+                    report.skipped.append(reason)
                     continue
                 if (record := handle(raw, where)) is not None:
                     yield record
         return
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise RecordError(f"{path}: malformed JSON at line {err.lineno} ({err.msg})") from None
     if not isinstance(data, list):

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 180), "orange": (240, 130, 30)}  # fmt: skip
 SHAPES = ("circle", "square", "triangle")
-WORDS = ("CAT", "SUN", "MAP", "BOX", "KEY", "RED", "SKY", "FOX", "CUP", "HAT")
+WORDS = ("CAT", "SUN", "MAP", "BOX", "KEY", "JAR", "SKY", "FOX", "CUP", "HAT")  # none is also a colour
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 
 
@@ -101,6 +101,8 @@ def write_synthetic_dataset(
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     n_test = int(round(num * test_fraction))
+    if test_fraction > 0 and num > 1:  # both splits get at least one example
+        n_test = min(max(n_test, 1), num - 1)
     files = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
     with files["train"].open("w") as train, files["test"].open("w") as test:
         for i in tqdm(range(num), desc="synthetic data", disable=not progress, unit="image"):

@@ -59,38 +59,48 @@ def test_truncation_keeps_the_image_and_rejects_what_cannot_fit(tokenizer, tmp_p
     full = tokenize_record(tokenizer, record, num_image_tokens=16, max_length=4096)
     cut = tokenize_record(tokenizer, record, num_image_tokens=16, max_length=len(full.input_ids) + 15 - 4)
     assert cut.input_ids == full.input_ids[: len(full.input_ids) - 4] and IMAGE_TOKEN_INDEX in cut.input_ids
+    assert cut.labels == full.labels[: len(cut.labels)]
     with pytest.raises(RecordError, match="visual tokens do not fit"):
         tokenize_record(tokenizer, record, num_image_tokens=16, max_length=20)
-    first_answer = full.labels.index(next(t for t in full.labels if t != IGNORE_INDEX))
+    # the exact boundary: the image's 16 positions must fit whole
+    image_at = full.input_ids.index(IMAGE_TOKEN_INDEX)
+    with pytest.raises(RecordError, match="visual tokens do not fit"):
+        tokenize_record(tokenizer, record, num_image_tokens=16, max_length=image_at + 15)
+    with pytest.raises(RecordError, match="nothing left to learn"):  # the image fits, no answer does
+        tokenize_record(tokenizer, record, num_image_tokens=16, max_length=image_at + 16)
+    first_answer = next(i for i, t in enumerate(full.labels) if t != IGNORE_INDEX)
     with pytest.raises(RecordError, match="nothing left to learn"):
         tokenize_record(tokenizer, record, num_image_tokens=16, max_length=first_answer + 15)
+    one = tokenize_record(tokenizer, record, num_image_tokens=16, max_length=first_answer + 16)
+    assert sum(t != IGNORE_INDEX for t in one.labels) == 1
 
 
 def test_bad_records_are_reported_with_line_and_id_or_rejected(tmp_path):
     (tmp_path / "ok.png").write_bytes(b"")
+    two_images = [{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "x"}]
     lines = [
-        json.dumps(_record(id="good", image="ok.png")),
-        json.dumps(_record(id="noimg", image="missing.png")),
-        "{not json",
-        json.dumps({"id": "noanswer", "conversations": [{"from": "human", "value": "hi"}]}),
-        json.dumps(
-            _record(
-                id="twoimages",
-                image="ok.png",
-                conversations=[{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "x"}],
-            )
-        ),  # fmt: skip
+        json.dumps(_record(id="good", image="ok.png")).encode(),
+        json.dumps(_record(id="noimg", image="missing.png")).encode(),
+        b"{not json",
+        json.dumps({"id": "noanswer", "conversations": [{"from": "human", "value": "hi"}]}).encode(),
+        json.dumps(_record(id="twoimages", image="ok.png", conversations=two_images)).encode(),
+        json.dumps(_record(id="imagelist", image=["ok.png"])).encode(),
+        b"\xff\xfe not utf-8",
+        json.dumps({"id": "gptfirst", "conversations": [{"from": "gpt", "value": "x"}]}).encode(),
     ]
     data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(lines) + "\n")
+    data.write_bytes(b"\n".join(lines) + b"\n")
     report = ReadReport()
-    records = list(iter_records(data, image_root=tmp_path, report=report))
+    records = list(iter_records(data, report=report))  # image paths relative to the file's folder
     assert [r.id for r in records] == ["good"] and report.read == 1
     assert report.skipped == [
         f"data.jsonl:2 (id noimg): image file not found: {tmp_path / 'missing.png'}",
         "data.jsonl:3: malformed JSON (Expecting property name enclosed in double quotes)",
         "data.jsonl:4 (id noanswer): no assistant ('gpt') turn to learn from",
         "data.jsonl:5 (id twoimages): 2 <image> placeholders for one image",
+        "data.jsonl:6 (id imagelist): 'image' must be one relative path (a string), got list",
+        "data.jsonl:7: malformed JSON (not UTF-8)",
+        "data.jsonl:8 (id gptfirst): the conversation must start with a human turn",
     ]
     with pytest.raises(RecordError, match="data.jsonl:2 \\(id noimg\\): image file not found"):
         list(iter_records(data, image_root=tmp_path, strict=True))
@@ -116,11 +126,28 @@ def test_synthetic_set_is_valid_deterministic_and_answerable(tmp_path):
     train = list(iter_records(files["train"], image_root=tmp_path / "a", report=report, strict=True))
     test = list(iter_records(files["test"], image_root=tmp_path / "a", strict=True))
     assert (len(train), len(test)) == (24, 6) and not report.skipped
-    kinds = set()
+    from fastvlm.train.synth import COLORS, NUMBER_WORDS, SHAPES, WORDS
+
+    vocab = {"What color": set(COLORS), "Which shape": set(SHAPES), "How many": set(NUMBER_WORDS[1:5]),
+             "What word": set(WORDS)}  # fmt: skip
+    seen = set()
     for record in train + test:
-        answer = record.turns[1][1]
-        assert len(answer.split()) == 1
-        kinds.add(record.turns[0][1].split("\n")[1].split()[0])
+        question, answer = record.turns[0][1].split("\n")[1], record.turns[1][1]
+        kind = next(k for k in vocab if question.startswith(k))
+        assert answer in vocab[kind], (question, answer)
+        seen.add(kind)
         with Image.open(record.image) as img:
             assert img.size == (256, 256)
-    assert kinds == {"What", "How", "Which"}  # colour/word, count and shape questions all occur
+    assert seen == set(vocab)  # every kind of question occurs
+
+
+def test_data_commands(tmp_path, capsys):
+    from fastvlm.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path / "s"), "--num", "5", "--size", "128"]) == 0
+    assert main(["data", "check", str(tmp_path / "s" / "train.jsonl")]) == 0  # image root: the file's folder
+    assert "4 usable records, 0 skipped" in capsys.readouterr().out
+    bad = tmp_path / "s" / "bad.jsonl"
+    bad.write_text('{"id": "x", "image": "nope.png", "conversations": []}\n')
+    assert main(["data", "check", str(bad), "--strict"]) == 2
+    assert "bad.jsonl:1 (id x): 'conversations' must be a non-empty list" in capsys.readouterr().err
