@@ -18,6 +18,7 @@ Every conversion goes through our layout, so ``apple -> timm`` is ``apple -> our
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -546,8 +547,6 @@ def read_config(folder: Path) -> tuple[dict, str]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json; is it a FastVLM checkpoint folder?")
-    import json
-
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
@@ -563,8 +562,6 @@ def read_config(folder: Path) -> tuple[dict, str]:
 
 def read_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a folder: model.safetensors, sharded safetensors (with an index) or pytorch_model*.bin."""
-    import json
-
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fastvlm.processing import DEFAULT_MAX_PIXELS
+from fastvlm.processing import DEFAULT_MAX_PIXELS, load_image
 
 
 class CLIError(Exception):
@@ -55,6 +55,12 @@ def machine_description() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def _machine_line(meta: dict) -> str:
+    """'CPU, N threads, torch V[, GPU]' for benchmark headers."""
+    gpu = f", {meta['gpu']}" if "gpu" in meta else ""
+    return f"{meta['cpu']}, {meta['cpu_threads']} threads, torch {meta['torch']}{gpu}"
 
 
 # ------------------------------------------------------------------------------ commands
@@ -88,12 +94,12 @@ def _bench_devices(requested: list[str] | None) -> list[str]:
     return devices
 
 
-def _load_model(args: argparse.Namespace, *, fuse: bool = True):
+def _load_model(args: argparse.Namespace):
     from fastvlm.model import FastVLM
 
     _check_device(args.device)
     model = FastVLM.from_pretrained(
-        args.model, device=args.device, dtype=_DTYPES[args.dtype], fuse=fuse, image_mode=args.image_mode
+        args.model, device=args.device, dtype=_DTYPES[args.dtype], image_mode=args.image_mode
     )
     if args.allow_large_images:
         model.image_processor.max_pixels = None
@@ -112,8 +118,6 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from fastvlm.processing import load_image
-
     image = None
     if args.image is not None:  # decode (and reject a bad image) before spending time on the model
         image = load_image(args.image, max_pixels=None if args.allow_large_images else DEFAULT_MAX_PIXELS)
@@ -231,15 +235,14 @@ def cmd_bench_encoder(args: argparse.Namespace) -> None:
     resolutions = args.resolutions or ([256, 512] if args.quick else [256, 512, 1024])
     repeats = args.repeats or (3 if args.quick else 5)
     _check_resolutions(resolutions)
-    dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.fused_dtype]
+    dtype = _DTYPES.get(args.fused_dtype)  # "auto": None, chosen per device
     rows = run_encoder_benchmark(
         resolutions, devices, batch=args.batch, repeats=repeats, warmup=args.warmup, fused_dtype=dtype
     )
     meta = machine_description() | {"repeats": repeats, "warmup": args.warmup}
     print(
         f"\nFastViTHD, random weights, batch {args.batch}; median of {repeats} interleaved calls after "
-        f"{args.warmup} warm-up; {meta['cpu']}, {meta['cpu_threads']} threads, torch {meta['torch']}"
-        + (f", {meta['gpu']}" if "gpu" in meta else "")
+        f"{args.warmup} warm-up; {_machine_line(meta)}"
     )
     print(format_table(rows))
     if args.json:
@@ -327,8 +330,7 @@ def cmd_bench_ttft(args: argparse.Namespace) -> None:
     }
     print(
         f"\nFastVLM-{args.llm.upper()} (FastViTHD fused + Qwen2-{args.llm.upper()}), random weights, batch 1; "
-        f"median of {args.repeats} runs after a warm-up; {meta['cpu']}, {meta['cpu_threads']} threads, "
-        f"torch {meta['torch']}" + (f", {meta['gpu']}" if "gpu" in meta else "")
+        f"median of {args.repeats} runs after a warm-up; {_machine_line(meta)}"
     )
     print(format_ttft_table(rows))
     if args.json:

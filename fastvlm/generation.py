@@ -197,12 +197,13 @@ def prepare_prompt(prompt: str, has_image: bool) -> str:
     return prompt
 
 
-def _tokenize_batch(model, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _tokenize_batch(model, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Left-padded ids and mask of the prompts, and the pad id used."""
     tok = model.tokenizer
     if tok is None:
         raise ValueError("this model has no tokenizer (the checkpoint folder had none); pass token ids instead")
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return pad_sequences([tokenize_prompt(tok, p) for p in prompts], pad, "left")
+    return *pad_sequences([tokenize_prompt(tok, p) for p in prompts], pad, "left"), pad
 
 
 class TextStream:
@@ -262,12 +263,11 @@ def generate(
     images = _as_list(image, len(prompts)) if batched else [image]
     has_image = [img is not None for img in images] if image_features is None else [True] * len(prompts)
     texts = [prepare_prompt(p, h) for p, h in zip(prompts, has_image, strict=True)]
-    ids, mask = _tokenize_batch(model, texts)
+    ids, mask, pad = _tokenize_batch(model, texts)
     pixel_values = None
     if image_features is None and any(has_image):
         pixel_values = model.image_processor.batch([img for img in images if img is not None])
     stops = stop_token_ids(model)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     steps = generate_tokens(
         model,
         ids,

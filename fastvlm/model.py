@@ -109,8 +109,7 @@ class FastVLMConfig:
                 model_max_length=config.get("tokenizer_model_max_length"),
             )
         if fmt == "hf":
-            text = dict(_require(config, "text_config", fmt))
-            text.pop("model_type", None)
+            text = _text_config(config, fmt)
             if "tie_word_embeddings" in config:  # transformers reads the top-level flag
                 text["tie_word_embeddings"] = config["tie_word_embeddings"]
             image_size = _hf_image_size(config, vision, folder)
@@ -122,8 +121,7 @@ class FastVLMConfig:
                 image_token_id=config.get("image_token_index"),
                 image_mode="pad",
             )
-        text = dict(_require(config, "text_config", fmt))
-        text.pop("model_type", None)
+        text = _text_config(config, fmt)
         return cls(
             text=Qwen2Config(**text),
             vision=FastViTConfig.from_dict(_require(config, "vision_config", fmt)),
@@ -202,6 +200,13 @@ def _require(config: dict, key: str, fmt: str):
     if key not in config:
         raise ValueError(f"config.json of this {fmt}-format checkpoint has no {key!r}")
     return config[key]
+
+
+def _text_config(config: dict, fmt: str) -> dict:
+    """The decoder's fields of a nested ``text_config`` (transformers' and our format), as Qwen2Config kwargs."""
+    text = dict(_require(config, "text_config", fmt))
+    text.pop("model_type", None)
+    return text
 
 
 def _projector_depth(projector_type: str) -> int:
@@ -593,12 +598,12 @@ QWEN2_PRESETS = {
 }
 
 
-def fastvlm_config(llm: str = "0.5b", *, image_size: int = 1024, clip_head: bool = False) -> FastVLMConfig:
-    """The architecture of a released FastVLM (FastViTHD + the named Qwen2 size), for random-weight use."""
-    if llm not in QWEN2_PRESETS:
-        raise ValueError(f"unknown LLM size {llm!r}; expected one of {sorted(QWEN2_PRESETS)}")
-    text = Qwen2Config(
-        **QWEN2_PRESETS[llm],
+def qwen2_config(size: str) -> Qwen2Config:
+    """The published Qwen2 decoder of a FastVLM size ("0.5b", "1.5b" or "7b")."""
+    if size not in QWEN2_PRESETS:
+        raise ValueError(f"unknown LLM size {size!r}; expected one of {sorted(QWEN2_PRESETS)}")
+    return Qwen2Config(
+        **QWEN2_PRESETS[size],
         hidden_act="silu",
         max_position_embeddings=32768,
         rms_norm_eps=1e-6,
@@ -607,5 +612,10 @@ def fastvlm_config(llm: str = "0.5b", *, image_size: int = 1024, clip_head: bool
         eos_token_id=151645,
         use_sliding_window=False,
     )
+
+
+def fastvlm_config(llm: str = "0.5b", *, image_size: int = 1024, clip_head: bool = False) -> FastVLMConfig:
+    """The architecture of a released FastVLM (FastViTHD + the named Qwen2 size), for random-weight use."""
+    text = qwen2_config(llm)
     vision = FastViTConfig(projection_dim=768 if clip_head else None)
     return FastVLMConfig(text=text, vision=vision, image_size=image_size, model_max_length=8192)

@@ -50,6 +50,7 @@ def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
     """
     if isinstance(image, Image.Image):
         img = image
+        _check_size(img, max_pixels, getattr(img, "filename", None) or "image")
     elif isinstance(image, (np.ndarray, torch.Tensor)):
         return _array_to_pil(image)
     else:
@@ -69,7 +70,6 @@ def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
             img.load()
         except (OSError, SyntaxError) as err:
             raise ImageError(f"cannot read image {path}: the file is truncated or corrupt ({err})") from None
-    _check_size(img, max_pixels, getattr(img, "filename", None) or "image")
     img = ImageOps.exif_transpose(img)
     return to_rgb(img)
 

@@ -111,15 +111,15 @@ class StudyResults:
 
 def llm_config(name: str):
     """Decoder configuration of a published LLM (Qwen2 chat sizes of FastVLM; Vicuna-7B of LLaVA-1.5)."""
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig
 
-    from fastvlm.model import QWEN2_PRESETS
+    from fastvlm.model import QWEN2_PRESETS, qwen2_config
 
     if name.startswith("qwen2-"):
         size = name.removeprefix("qwen2-")
         if size not in QWEN2_PRESETS:
             raise ValueError(f"unknown LLM {name!r}; expected one of {LLM_NAMES}")
-        return Qwen2Config(**QWEN2_PRESETS[size], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
+        return qwen2_config(size)
     if name == "vicuna-7b":
         return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                            num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)  # fmt: skip
