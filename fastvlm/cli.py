@@ -1,14 +1,18 @@
 """The ``fastvlm`` command line.
 
 Subcommands:
+  init OUT --like CKPT | --llm SIZE        a randomly initialised FastVLM checkpoint (to train from scratch)
+  train --model M --data F --output-dir D  train / fine-tune (stage presets; DDP/FSDP under torchrun)
   data synth --out DIR --num N             synthetic image-question-answer data (LLaVA format)
   data check FILE [--image-root DIR]       read a LLaVA-format data file and report bad records
+  data score --model M FILE                exact-match accuracy of greedy answers (synthetic sets)
   bench [--quick]                          the paper's efficiency study: encoders, resolutions, LLMs, TTFT, plots
   predict --model M --image F --prompt P   answer a question about an image (streams; --json for details)
   chat --model M [--image F]               an interactive conversation about an image
   convert SRC DST --format F               rewrite a FastVLM checkpoint folder (fastvlm, apple or hf format)
   info PATH                         layout, form, architecture and size of a tower checkpoint
   convert-tower SRC DST --layout L  rewrite a tower checkpoint in another layout (optionally re-parameterised)
+  bench-train                       training throughput of a FastVLM-sized model (samples/s; also benchmarks/)
   bench-encoder                     FastViTHD latency, unfused vs fused (also benchmarks/encoder_latency.py)
 
 User errors (bad paths, bad checkpoints) print one clear line and exit with status 2.
@@ -18,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -271,6 +277,135 @@ def cmd_data_check(args: argparse.Namespace) -> None:
         print(f"  … and {len(report.skipped) - args.show} more")
 
 
+def cmd_data_score(args: argparse.Namespace) -> None:
+    from fastvlm.train.synth import exact_match
+
+    model = _load_model(args)
+    result = exact_match(model, args.path, batch_size=args.batch_size)
+    kinds = ", ".join(f"{k} {v:.1%}" for k, v in result["by_kind"].items())
+    print(f"exact match {result['accuracy']:.1%} on {result['n']} records ({kinds})")
+    for rid, expected, got in result["errors"][: args.show]:
+        print(f"  {rid}: expected {expected!r}, got {got!r}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from fastvlm.model import FastVLM, fastvlm_config
+
+    if args.like:
+        source = FastVLM.from_pretrained(args.like, fuse=False)
+        config, tokenizer = source.config, source.tokenizer
+        del source
+    else:
+        from transformers import AutoTokenizer
+
+        if not args.tokenizer:
+            raise CLIError("--llm needs --tokenizer (a folder or hub id), e.g. Qwen/Qwen2-0.5B-Instruct")
+        config = fastvlm_config(args.llm, image_size=args.image_size or 1024)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        if len(tokenizer) > config.text.vocab_size:
+            raise CLIError(f"the tokenizer has {len(tokenizer)} tokens, more than the LLM's {config.text.vocab_size}")
+    config.vision = config.vision.replace(inference_mode=args.tower_form == "inference")
+    sizes = {"hidden_size": args.hidden_size, "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
+             "num_key_value_heads": args.kv_heads, "intermediate_size": args.intermediate_size}  # fmt: skip
+    sizes = {k: v for k, v in sizes.items() if v is not None}
+    if sizes:
+        from transformers import Qwen2Config
+
+        text = {**config.text.to_dict(), **sizes}
+        text.pop("head_dim", None)  # derived from hidden_size / heads
+        if (
+            text["hidden_size"] % text["num_attention_heads"]
+            or text["num_attention_heads"] % text["num_key_value_heads"]
+        ):
+            raise CLIError("--hidden-size must divide by --heads, and --heads by --kv-heads")
+        text["layer_types"] = ["full_attention"] * text["num_hidden_layers"]
+        config.text = Qwen2Config(**text)
+    if args.image_size:
+        if args.image_size % config.vision.stride:
+            raise CLIError(f"--image-size must be a multiple of the tower's stride {config.vision.stride}")
+        config.image_size = args.image_size
+    model = FastVLM.from_config(config, seed=args.seed)
+    model.tokenizer = tokenizer
+    path = model.save_pretrained(args.out, overwrite=args.overwrite)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"wrote a randomly initialised FastVLM ({params:.1f}M parameters, {config.image_size} px) to {path}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from fastvlm.train.config import TrainConfig, make_config
+    from fastvlm.train.trainer import train
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in ("extra", "stage")}
+    config = make_config(stage=args.stage, file=args.config, **overrides)
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
+    if result.final_model is not None and int(os.environ.get("RANK", "0")) == 0:
+        last = result.losses.get(result.steps)
+        loss = f", final loss {last:.4f}" if last is not None else ""
+        print(f"trained {result.steps} steps{loss}; model written to {result.final_model}")
+        if result.skipped:
+            print(f"{len(result.skipped)} record(s) were skipped; see {Path(config.output_dir) / 'log.jsonl'}")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; unset flags keep the preset or config-file value."""
+    from fastvlm.train.config import HELP, STAGES, TrainConfig
+
+    p.add_argument("--config", help="a .json or .toml file of settings (flags override it)")
+    p.add_argument(
+        "--resume", nargs="?", const="latest", default=False,
+        help="continue from the latest checkpoint in --output-dir, or from the given checkpoint folder",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
+    choices = {"stage": list(STAGES), "precision": ["auto", "fp32", "bf16"], "strategy": ["ddp", "fsdp"],
+               "tower_batchnorm": ["auto", "frozen", "train"]}  # fmt: skip
+    for f in fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        kwargs: dict = {"help": HELP[f.name], "default": None}
+        if f.name in choices:
+            kwargs["choices"] = choices[f.name]
+        elif isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, tuple) or f.name in ("train", "lora_targets", "adam_betas"):
+            kwargs["nargs"] = "+"
+            kwargs["type"] = float if f.name == "adam_betas" else str
+        elif f.name in ("tower_lr", "grad_clip") or isinstance(default, float):
+            kwargs["type"] = float
+        elif f.name in ("max_steps", "max_length", "image_size") or isinstance(default, int):
+            kwargs["type"] = int
+        p.add_argument(flag, **kwargs)
+
+
+def cmd_bench_train(args: argparse.Namespace) -> None:
+    from fastvlm.bench.measure import write_rows_json
+    from fastvlm.bench.train import format_train_table, measure_training_step
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _check_resolutions(args.resolutions)
+    rows = []
+    for device in _bench_devices(args.device):
+        for px in args.resolutions:
+            for stage in args.stages:
+                rows += measure_training_step(
+                    args.llm, px, stage=stage, micro_batch=args.micro_batch, steps=args.steps, device=device,
+                    baseline=not args.no_baseline, progress=True,
+                )  # fmt: skip
+    meta = machine_description()
+    print(
+        f"\nTraining step of FastVLM-{args.llm.upper()} (random weights, fp32 master weights), one process; "
+        f"median of {args.steps} steps after a warm-up; {_machine_line(meta)}"
+    )
+    print(format_train_table(rows))
+    if args.json:
+        write_rows_json(rows, args.json, meta)
+        print(f"wrote {args.json}")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from fastvlm.bench.report import markdown_report, write_report
     from fastvlm.bench.study import (
@@ -397,6 +532,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail (exit 2) at the first unusable record")
     p.add_argument("--show", type=int, default=20, help="how many skipped records to list")
     p.set_defaults(func=cmd_data_check)
+    p = data.add_parser("score", help="exact-match accuracy of a model's greedy answers on a LLaVA-format file")
+    _add_model_arguments(p)
+    p.add_argument("path", help=".json/.jsonl whose first human turn is the question and first gpt turn the answer")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--show", type=int, default=10, help="how many wrong answers to list")
+    p.add_argument("--json", help="also write the scores (and every wrong answer) to this file")
+    p.set_defaults(func=cmd_data_score)
+
+    p = sub.add_parser("init", help="write a randomly initialised FastVLM checkpoint (to train from scratch)")
+    p.add_argument("out", help="folder to create")
+    p.add_argument("--like", help="copy the architecture and tokenizer of this checkpoint (weights are not copied)")
+    p.add_argument("--llm", choices=["0.5b", "1.5b", "7b"], default="0.5b", help="released architecture (no --like)")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub id (with --llm)")
+    p.add_argument("--image-size", type=int, help="input resolution (a multiple of 64 for FastViTHD)")
+    p.add_argument(
+        "--tower-form", choices=["train", "inference"], default="train",
+        help="train: the multi-branch form with batch norms that trains from scratch (default); inference: the "
+        "re-parameterised form of released checkpoints",
+    )  # fmt: skip
+    p.add_argument("--hidden-size", type=int, help="change the LLM's width")
+    p.add_argument("--layers", type=int, help="change the LLM's depth")
+    p.add_argument("--heads", type=int, help="attention heads")
+    p.add_argument("--kv-heads", type=int, help="key/value heads (grouped-query attention)")
+    p.add_argument("--intermediate-size", type=int, help="MLP width")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune (stage presets 1/1.5/2/3; run under torchrun for DDP/FSDP)",
+        description="Train a FastVLM. Values come from the --stage preset, then --config, then flags. "
+        "The same command runs under `torchrun --nproc-per-node N fastvlm train ...`.",
+    )
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="the paper's efficiency study (encoders, resolutions, LLMs; tables and plots)")
     p.add_argument(
@@ -437,6 +608,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--json", help="also write the rows and machine description to this JSON file")
     p.set_defaults(func=cmd_bench_ttft)
+
+    p = sub.add_parser("bench-train", help="training throughput (samples/s) of a FastVLM-sized model, by stage")
+    p.add_argument("--llm", choices=["0.5b", "1.5b", "7b"], default="0.5b")
+    p.add_argument("--resolutions", type=int, nargs="+", default=[1024])
+    p.add_argument("--stages", nargs="+", choices=["1", "1.5", "2", "3"], default=["1"])
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
+    p.add_argument("--device", nargs="+", choices=["cpu", "cuda"], help="default: cpu, and cuda when present")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the full-logits baseline rows")
+    p.add_argument("--json", help="also write the rows and machine description to this JSON file")
+    p.set_defaults(func=cmd_bench_train)
 
     p = sub.add_parser("bench-encoder", help="FastViTHD latency: released inference form vs our fused form")
     add_bench_encoder_arguments(p)

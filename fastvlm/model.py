@@ -364,6 +364,40 @@ class FastVLM(nn.Module):
         ``pixel_values`` [N, 3, S, S] holds the images in the order their placeholders
         appear, row by row; ``image_features`` may be given instead (already projected).
         """
+        embeds, attention_mask, position_ids, labels = self._inputs(
+            input_ids, pixel_values, attention_mask, image_features, labels
+        )
+        return self.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels, **lm_kwargs
+        )
+
+    def training_loss(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the next-token cross-entropies, number of target tokens).
+
+        A sum rather than a mean lets the trainer divide by the target count of the whole
+        global batch, so the result does not depend on how the batch is split over
+        processes and accumulation steps. Logits are computed only where there is a
+        target: with a 150k vocabulary that is most of the LM head's cost.
+        """
+        embeds, attention_mask, position_ids, labels = self._inputs(
+            input_ids, pixel_values, attention_mask, None, labels
+        )
+        hidden = self.language_model.model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.language_model.lm_head(hidden[:, :-1][keep]).float()
+        return nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
+
+    def _inputs(self, input_ids, pixel_values, attention_mask, image_features, labels):
+        """(embeddings, attention mask, position ids, labels) with the visual tokens in place."""
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
@@ -375,9 +409,7 @@ class FastVLM(nn.Module):
         input_ids, attention_mask, labels = self.expand_image_markers(input_ids, attention_mask, tokens, labels=labels)
         embeds = self.embed(input_ids, image_features)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return self.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels, **lm_kwargs
-        )
+        return embeds, attention_mask, position_ids, labels
 
     # ------------------------------------------------------------------ generation
     def generate(self, image=None, prompt=None, **kwargs):
@@ -471,7 +503,12 @@ class FastVLM(nn.Module):
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(
-        self, directory: str | os.PathLike, format: str = "fastvlm", *, overwrite: bool = False
+        self,
+        directory: str | os.PathLike,
+        format: str = "fastvlm",
+        *,
+        overwrite: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> Path:
         """Write a checkpoint folder in our format, the authors' (``apple``) or transformers' (``hf``).
 
@@ -479,11 +516,12 @@ class FastVLM(nn.Module):
         so a failure never leaves a half-written checkpoint. An existing non-empty folder
         is refused unless ``overwrite``; then only the files written here (and stale
         weight files, which would shadow the new ones) are replaced: nothing else in the
-        folder is touched.
+        folder is touched. ``state_dict`` (our layout) replaces the module's own tensors:
+        the trainer passes weights gathered from sharded or adapter-carrying models.
         """
         if format not in ("fastvlm", "apple", "hf"):
             raise ValueError(f"unknown format {format!r}; expected fastvlm, apple or hf")
-        if getattr(self.vision_tower, "is_fused", False):
+        if state_dict is None and getattr(self.vision_tower, "is_fused", False):
             raise ValueError(
                 "this model's vision tower is fused for inference and no longer has checkpoint tensors; "
                 "load it with fuse=False to save or convert it"
@@ -492,7 +530,7 @@ class FastVLM(nn.Module):
         if directory.exists() and (not directory.is_dir() or (any(directory.iterdir()) and not overwrite)):
             raise FileExistsError(f"{directory} exists and is not an empty folder; pass overwrite=True (--overwrite)")
         config, tokenizer = self.config, self.tokenizer
-        state = dict(self.state_dict())
+        state = dict(self.state_dict() if state_dict is None else state_dict)
         if format == "hf" and config.image_token_id is None:
             config, tokenizer, state = self._add_image_token(state)
         if config.text.tie_word_embeddings:

@@ -88,49 +88,20 @@ def parse_record(raw: object, *, image_root: Path | None, where: str, check_imag
     return Record(rid, path, turns, where)
 
 
-def iter_records(
-    path: str | Path, *, image_root: str | Path | None = None, strict: bool = False,
-    report: ReadReport | None = None, check_image: bool = True,
-) -> Iterator[Record]:  # fmt: skip
-    """Records of a .jsonl file (streamed line by line) or a .json list (read whole).
-
-    Image paths are relative to ``image_root``, by default the data file's folder. Bad
-    records are skipped and noted in ``report`` (with file, line and id), or raise with
-    ``strict``.
-    """
-    path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
-    report = report if report is not None else ReadReport()
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-
-    def handle(raw: object, where: str) -> Record | None:
-        try:
-            record = parse_record(raw, image_root=root, where=where, check_image=check_image)
-        except RecordError as err:
-            if strict:
-                raise
-            report.skipped.append(str(err))
-            return None
-        report.read += 1
-        return record
-
+def _raw_records(path: Path) -> Iterator[tuple[str, int, object | None, str | None]]:
+    """(where, byte offset or list index, raw record or None, reason it could not be parsed)."""
     if path.suffix == ".jsonl":
         with path.open("rb") as f:
+            offset = 0
             for number, line in enumerate(f, 1):
+                start, offset = offset, offset + len(line)
                 if not line.strip():
                     continue
                 where = f"{path.name}:{number}"
                 try:
-                    raw = json.loads(line.decode("utf-8"))
+                    yield where, start, json.loads(line.decode("utf-8")), None
                 except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                    reason = f"{where}: malformed JSON ({getattr(err, 'msg', None) or 'not UTF-8'})"
-                    if strict:
-                        raise RecordError(reason) from None
-                    report.skipped.append(reason)
-                    continue
-                if (record := handle(raw, where)) is not None:
-                    yield record
+                    yield where, start, None, f"{where}: malformed JSON ({getattr(err, 'msg', None) or 'not UTF-8'})"
         return
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -139,8 +110,37 @@ def iter_records(
     if not isinstance(data, list):
         raise RecordError(f"{path}: expected a JSON list of records")
     for index, raw in enumerate(data):
-        if (record := handle(raw, f"{path.name}[{index}]")) is not None:
-            yield record
+        yield f"{path.name}[{index}]", index, raw, None
+
+
+def iter_records(
+    path: str | Path, *, image_root: str | Path | None = None, strict: bool = False,
+    report: ReadReport | None = None, check_image: bool = True, with_offsets: bool = False,
+) -> Iterator[Record]:  # fmt: skip
+    """Records of a .jsonl file (streamed line by line) or a .json list (read whole).
+
+    Image paths are relative to ``image_root``, by default the data file's folder. Bad
+    records are skipped and noted in ``report`` (with file, line and id), or raise with
+    ``strict``. With ``with_offsets`` it yields (byte offset or list index, record) pairs,
+    which is what random access (:class:`fastvlm.train.dataset.RecordIndex`) needs.
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    report = report if report is not None else ReadReport()
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    for where, offset, raw, reason in _raw_records(path):
+        try:
+            if reason is not None:
+                raise RecordError(reason)
+            record = parse_record(raw, image_root=root, where=where, check_image=check_image)
+        except RecordError as err:
+            if strict:
+                raise
+            report.skipped.append(str(err))
+            continue
+        report.read += 1
+        yield (offset, record) if with_offsets else record
 
 
 @dataclass

@@ -113,3 +113,47 @@ def write_synthetic_dataset(
                 {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}  # fmt: skip
             (test if i < n_test else train).write(json.dumps(record) + "\n")
     return files
+
+
+def question_kind(question: str) -> str:
+    """'color', 'shape', 'count' or 'word': which skill a synthetic question tests."""
+    for prefix, kind in (
+        ("What color", "color"),
+        ("Which shape", "shape"),
+        ("How many", "count"),
+        ("What word", "word"),
+    ):
+        if question.startswith(prefix):
+            return kind
+    return "other"
+
+
+def exact_match(model, data_file: str | Path, *, batch_size: int = 32, progress: bool = True) -> dict:
+    """Greedy answers to the records of ``data_file`` scored by exact match (after stripping).
+
+    Returns {"accuracy", "n", "by_kind": {kind: accuracy}, "errors": [(id, expected, got)...]}.
+    """
+    from tqdm.auto import tqdm
+
+    from fastvlm.processing import DEFAULT_IMAGE_TOKEN
+    from fastvlm.train.data import iter_records
+
+    records = list(iter_records(data_file, strict=True))
+    hits: dict[str, list[bool]] = {}
+    errors = []
+    for start in tqdm(range(0, len(records), batch_size), desc="scoring", disable=not progress, unit="batch"):
+        chunk = records[start : start + batch_size]
+        questions = [r.turns[0][1].replace(DEFAULT_IMAGE_TOKEN, "").strip() for r in chunk]
+        results = model.generate([r.image for r in chunk], questions, max_new_tokens=16)
+        for record, question, result in zip(chunk, questions, results, strict=True):
+            expected, got = record.turns[1][1].strip(), result.text.strip()
+            hits.setdefault(question_kind(question), []).append(got == expected)
+            if got != expected:
+                errors.append((record.id, expected, got))
+    n = sum(len(v) for v in hits.values())
+    return {
+        "accuracy": sum(sum(v) for v in hits.values()) / max(n, 1),
+        "n": n,
+        "by_kind": {kind: sum(v) / len(v) for kind, v in sorted(hits.items())},
+        "errors": errors,
+    }

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fastvlm.vision.config import FastViTConfig, fastvithd_config
 from fastvlm.vision.layers import (
@@ -45,6 +46,10 @@ class CLIPImageHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3)) @ self.proj
+
+
+def _has_training_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules())
 
 
 class FastViTStage(nn.Module):
@@ -85,12 +90,19 @@ class FastViTStage(nn.Module):
                 for _ in range(config.depths[index])
             ]
         self.blocks = nn.Sequential(*blocks)
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
             x = self.downsample(x)
         if self.pos_embed is not None:
             x = self.pos_embed(x)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            # Recompute each block in the backward pass instead of keeping its activations. Blocks
+            # whose batch norms use batch statistics are not recomputed: that would update them twice.
+            for block in self.blocks:
+                x = block(x) if _has_training_batchnorm(block) else checkpoint(block, x, use_reentrant=False)
+            return x
         return self.blocks(x)
 
 
@@ -119,6 +131,11 @@ class FastViT(nn.Module):
         )
         self.head = CLIPImageHead(config.out_channels, config.projection_dim) if config.projection_dim else None
         self.is_fused = False
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Trade compute for memory in training: block activations are recomputed in backward."""
+        for stage in self.stages:
+            stage.gradient_checkpointing = enabled
 
     # ---------------------------------------------------------------- forward
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
