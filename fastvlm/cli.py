@@ -63,6 +63,17 @@ def machine_description() -> dict:
     return info
 
 
+def _print_benchmark(title: str, table: str, rows: list, meta: dict, json_path: str | None) -> None:
+    """Title line with the machine, the markdown table, and the rows as JSON when asked."""
+    from fastvlm.bench.measure import write_rows_json
+
+    print(f"\n{title}; {_machine_line(meta)}")
+    print(table)
+    if json_path:
+        write_rows_json(rows, json_path, meta)
+        print(f"wrote {json_path}")
+
+
 def _machine_line(meta: dict) -> str:
     """'CPU, N threads, torch V[, GPU]' for benchmark headers."""
     gpu = f", {meta['gpu']}" if "gpu" in meta else ""
@@ -233,7 +244,6 @@ def cmd_convert_tower(args: argparse.Namespace) -> None:
 
 def cmd_bench_encoder(args: argparse.Namespace) -> None:
     from fastvlm.bench.encoder import format_table, run_encoder_benchmark
-    from fastvlm.bench.measure import write_rows_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -246,21 +256,15 @@ def cmd_bench_encoder(args: argparse.Namespace) -> None:
         resolutions, devices, batch=args.batch, repeats=repeats, warmup=args.warmup, fused_dtype=dtype
     )
     meta = machine_description() | {"repeats": repeats, "warmup": args.warmup}
-    print(
-        f"\nFastViTHD, random weights, batch {args.batch}; median of {repeats} interleaved calls after "
-        f"{args.warmup} warm-up; {_machine_line(meta)}"
-    )
-    print(format_table(rows))
-    if args.json:
-        write_rows_json(rows, args.json, meta)
-        print(f"wrote {args.json}")
+    title = f"FastViTHD, random weights, batch {args.batch}; median of {repeats} interleaved calls after "
+    _print_benchmark(title + f"{args.warmup} warm-up", format_table(rows), rows, meta, args.json)
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
     from fastvlm.train.synth import write_synthetic_dataset
 
     files = write_synthetic_dataset(args.out, args.num, size=args.size, seed=args.seed,
-                                    test_fraction=args.test_fraction)  # fmt: skip
+                                    test_fraction=args.test_fraction, binding=args.binding)  # fmt: skip
     print(f"wrote {args.num} examples: {files['train']}, {files['test']} and {Path(args.out) / 'images'}")
 
 
@@ -381,7 +385,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
-    from fastvlm.bench.measure import write_rows_json
     from fastvlm.bench.train import format_train_table, measure_training_step
 
     if args.threads:
@@ -396,14 +399,9 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
                     baseline=not args.no_baseline, progress=True,
                 )  # fmt: skip
     meta = machine_description()
-    print(
-        f"\nTraining step of FastVLM-{args.llm.upper()} (random weights, fp32 master weights), one process; "
-        f"median of {args.steps} steps after a warm-up; {_machine_line(meta)}"
-    )
-    print(format_train_table(rows))
-    if args.json:
-        write_rows_json(rows, args.json, meta)
-        print(f"wrote {args.json}")
+    title = f"Training step of FastVLM-{args.llm.upper()} (random weights, fp32 master weights), one process; "
+    _print_benchmark(title + f"median of {args.steps} steps after a warm-up", format_train_table(rows), rows, meta,
+                     args.json)  # fmt: skip
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -437,7 +435,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_ttft(args: argparse.Namespace) -> None:
-    from fastvlm.bench.measure import write_rows_json
     from fastvlm.bench.ttft import format_ttft_table, run_ttft_benchmark
 
     if args.threads:
@@ -463,14 +460,9 @@ def cmd_bench_ttft(args: argparse.Namespace) -> None:
         "text_tokens": args.text_tokens,
         "new_tokens": args.new_tokens,
     }
-    print(
-        f"\nFastVLM-{args.llm.upper()} (FastViTHD fused + Qwen2-{args.llm.upper()}), random weights, batch 1; "
-        f"median of {args.repeats} runs after a warm-up; {_machine_line(meta)}"
-    )
-    print(format_ttft_table(rows))
-    if args.json:
-        write_rows_json(rows, args.json, meta)
-        print(f"wrote {args.json}")
+    title = f"FastVLM-{args.llm.upper()} (FastViTHD fused + Qwen2-{args.llm.upper()}), random weights, batch 1; "
+    _print_benchmark(title + f"median of {args.repeats} runs after a warm-up", format_ttft_table(rows), rows, meta,
+                     args.json)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ parser
@@ -525,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512, help="canvas side in px")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-fraction", type=float, default=0.1, help="share held out in test.jsonl")
+    p.add_argument("--binding", action="store_true",
+                   help="ask about one shape among several (harder: needs a larger model or a longer run)")  # fmt: skip
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("check", help="read a LLaVA-format .json/.jsonl file and report records that cannot be used")
     p.add_argument("path")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fastvlm.bench.measure import count_flops, median_latency_ms, peak_memory_mb
+from fastvlm.bench.measure import count_flops, markdown_table, median_latency_ms, mib, peak_memory_mb
 from fastvlm.vision import FastViTConfig, FastViTHD
 
 
@@ -125,18 +125,11 @@ def run_encoder_benchmark(
 
 
 def format_table(rows: list[EncoderRow]) -> str:
-    def mb(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:,.0f}"
-
-    lines = [
-        "| device | fused dtype | px | tokens | GFLOPs | unfused ms | fused ms | speed-up | "
-        "unfused peak MiB | fused peak MiB | max rel diff |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.device} | {r.dtype} | {r.resolution} | {r.tokens} | {r.gflops:.1f} | {r.unfused_ms:,.1f} | "
-            f"{r.fused_ms:,.1f} | {r.speedup:.2f}x | {mb(r.unfused_peak_mb)} | {mb(r.fused_peak_mb)} | "
-            f"{r.max_rel_diff:.1e} |"
-        )
-    return "\n".join(lines)
+    columns = ["device", "fused dtype", ">px", ">tokens", ">GFLOPs", ">unfused ms", ">fused ms", ">speed-up",
+               ">unfused peak MiB", ">fused peak MiB", ">max rel diff"]  # fmt: skip
+    return markdown_table(columns, [
+        [r.device, r.dtype, str(r.resolution), str(r.tokens), f"{r.gflops:.1f}", f"{r.unfused_ms:,.1f}",
+         f"{r.fused_ms:,.1f}", f"{r.speedup:.2f}x", mib(r.unfused_peak_mb), mib(r.fused_peak_mb),
+         f"{r.max_rel_diff:.1e}"]
+        for r in rows
+    ])  # fmt: skip

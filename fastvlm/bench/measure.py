@@ -114,3 +114,15 @@ def write_rows_json(rows: list, path: str | Path, meta: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2) + "\n")
+
+
+def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+    """A markdown table; a column named with a leading '>' is right-aligned (the '>' is dropped)."""
+    names = [c.lstrip(">") for c in columns]
+    rule = ["---:" if c.startswith(">") else "---" for c in columns]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [names, rule, *rows])
+
+
+def mib(value: float | None) -> str:
+    """A memory figure for a table ('n/a' when it could not be measured)."""
+    return "n/a" if value is None else f"{value:,.0f}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fastvlm.bench.measure import peak_memory_mb
+from fastvlm.bench.measure import markdown_table, mib, peak_memory_mb
 from fastvlm.model import FastVLM, fastvlm_config
 from fastvlm.train.config import make_config
 from fastvlm.train.synth import write_synthetic_dataset
@@ -108,19 +108,26 @@ def measure_training_step(
 
 
 def format_train_table(rows: list[TrainThroughputRow]) -> str:
-    lines = [
-        "| device | LLM | px | stage | loss | micro-batch | samples/s | tokens/s | s/step | peak MiB |",
-        "|---|---|---:|---|---|---:|---:|---:|---:|---:|",
+    columns = [
+        "device",
+        "LLM",
+        ">px",
+        "stage",
+        "loss",
+        ">micro-batch",
+        ">samples/s",
+        ">tokens/s",
+        ">s/step",
+        ">peak MiB",
     ]
-    for r in rows:
-        peak = "n/a" if r.peak_mb is None else f"{r.peak_mb:,.0f}"
-        lines.append(
-            f"| {r.device} | {r.llm} | {r.resolution} | {r.stage} | {r.loss} | {r.micro_batch} | "
-            f"{r.samples_per_s:.3f} | {r.tokens_per_s:,.0f} | {r.step_s:.2f} | {peak} |"
-        )
+    table = markdown_table(columns, [
+        [r.device, r.llm, str(r.resolution), r.stage, r.loss, str(r.micro_batch), f"{r.samples_per_s:.3f}",
+         f"{r.tokens_per_s:,.0f}", f"{r.step_s:.2f}", mib(r.peak_mb)]
+        for r in rows
+    ])  # fmt: skip
     ours = {(r.device, r.resolution, r.stage): r for r in rows if r.loss == "targets only"}
     for r in rows:
         if r.loss == "full logits" and (key := (r.device, r.resolution, r.stage)) in ours:
-            lines.append(f"\n{key[0]} {key[1]} px stage {key[2]}: targets-only loss is "
-                         f"{ours[key].samples_per_s / r.samples_per_s:.2f}x the full-logits baseline")  # fmt: skip
-    return "\n".join(lines)
+            ratio = ours[key].samples_per_s / r.samples_per_s
+            table += f"\n\n{key[0]} {key[1]} px stage {key[2]}: targets-only loss = {ratio:.2f}x full-logits samples/s"
+    return table

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fastvlm.bench.measure import peak_memory_mb
+from fastvlm.bench.measure import markdown_table, mib, peak_memory_mb
 from fastvlm.generation import Timings, generate_tokens
 from fastvlm.model import FastVLM, fastvlm_config
 from fastvlm.processing import IMAGE_TOKEN_INDEX
@@ -84,15 +84,10 @@ def run_ttft_benchmark(
 
 
 def format_ttft_table(rows: list[TTFTRow]) -> str:
-    lines = [
-        "| device | dtype | LLM | px | visual tokens | prompt tokens | vision ms | prefill ms | TTFT ms | "
-        "decode tok/s | peak MiB |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        peak = "n/a" if r.peak_mb is None else f"{r.peak_mb:,.0f}"
-        lines.append(
-            f"| {r.device} | {r.dtype} | {r.llm} | {r.resolution} | {r.visual_tokens} | {r.prompt_tokens} | "
-            f"{r.vision_ms:,.0f} | {r.prefill_ms:,.0f} | {r.ttft_ms:,.0f} | {r.decode_tokens_per_s:.1f} | {peak} |"
-        )
-    return "\n".join(lines)
+    columns = ["device", "dtype", "LLM", ">px", ">visual tokens", ">prompt tokens", ">vision ms", ">prefill ms",
+               ">TTFT ms", ">decode tok/s", ">peak MiB"]  # fmt: skip
+    return markdown_table(columns, [
+        [r.device, r.dtype, r.llm, str(r.resolution), str(r.visual_tokens), str(r.prompt_tokens), f"{r.vision_ms:,.0f}",
+         f"{r.prefill_ms:,.0f}", f"{r.ttft_ms:,.0f}", f"{r.decode_tokens_per_s:.1f}", mib(r.peak_mb)]
+        for r in rows
+    ])  # fmt: skip

@@ -50,30 +50,48 @@ def _place(rng: random.Random, size: int, taken: list[tuple[int, int, int, int]]
     return None
 
 
-def make_example(rng: random.Random, size: int) -> tuple[Image.Image, str, str]:
-    """(image, question, one-word answer) for one random scene."""
+def make_example(rng: random.Random, size: int, *, binding: bool = False) -> tuple[Image.Image, str, str]:
+    """(image, question, one-word answer) for one random scene.
+
+    By default a question never needs one object's property looked up through another's
+    (the colour or kind of the one shape shown; how many shapes, all alike): a model of a
+    few million parameters learns these on a CPU in minutes. ``binding=True`` asks about
+    one shape among several ("What color is the circle?", "How many squares?" among
+    others), which needs a larger model or a much longer run.
+    """
     img = Image.new("RGB", (size, size), (245, 245, 240))
     draw = ImageDraw.Draw(img)
     taken: list[tuple[int, int, int, int]] = []
     kind = rng.choice(("color", "shape", "count", "word"))
     side = size // 6
+    colors = list(COLORS)
     if kind == "word":
         word = rng.choice(WORDS)
         font = ImageFont.load_default(size=size // 6)
         draw.text((size // 5, size // 3), word, fill=(20, 20, 20), font=font)
         return img, "What word is written in the image? Answer with the word.", word
     if kind == "count":
-        target, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        target, color = rng.choice(SHAPES), rng.choice(colors)
         n = rng.randint(1, 4)
         shapes = [Shape(target, color, (0, 0, 0, 0)) for _ in range(n)]
-        others = [s for s in SHAPES if s != target]
-        shapes += [Shape(rng.choice(others), rng.choice(list(COLORS)), (0, 0, 0, 0)) for _ in range(rng.randint(0, 2))]
-        question = f"How many {target}s are there? Answer with one word."
+        if binding:
+            others = [s for s in SHAPES if s != target]
+            shapes += [Shape(rng.choice(others), rng.choice(colors), (0, 0, 0, 0)) for _ in range(rng.randint(0, 2))]
+            question = f"How many {target}s are there? Answer with one word."
+        else:
+            question = "How many shapes are there? Answer with one word."
         answer = NUMBER_WORDS[n]
+    elif not binding:
+        pick = Shape(rng.choice(SHAPES), rng.choice(colors), (0, 0, 0, 0))
+        shapes = [pick]
+        if kind == "color":
+            question, answer = "What color is the shape? Answer with one word.", pick.color
+        else:
+            question, answer = "Which shape is in the image? Answer with one word.", pick.kind
     else:
         kinds = rng.sample(SHAPES, k=rng.randint(1, 3))
-        colors = rng.sample(list(COLORS), k=len(kinds))
-        shapes = [Shape(k, c, (0, 0, 0, 0)) for k, c in zip(kinds, colors, strict=True)]
+        chosen = rng.sample(colors, k=len(kinds))
+        shapes = [Shape(k, c, (0, 0, 0, 0)) for k, c in zip(kinds, chosen, strict=True)]
         pick = rng.choice(shapes)
         if kind == "color":
             question, answer = f"What color is the {pick.kind}? Answer with one word.", pick.color
@@ -82,7 +100,7 @@ def make_example(rng: random.Random, size: int) -> tuple[Image.Image, str, str]:
     for shape in shapes:
         box = _place(rng, size, taken, side)
         if box is None:  # no room: a simpler scene
-            return make_example(rng, size)
+            return make_example(rng, size, binding=binding)
         shape.box = box
         taken.append(box)
         _draw_shape(draw, shape)
@@ -90,7 +108,14 @@ def make_example(rng: random.Random, size: int) -> tuple[Image.Image, str, str]:
 
 
 def write_synthetic_dataset(
-    out: str | Path, num: int, *, size: int = 512, seed: int = 0, test_fraction: float = 0.1, progress: bool = True
+    out: str | Path,
+    num: int,
+    *,
+    size: int = 512,
+    seed: int = 0,
+    test_fraction: float = 0.1,
+    progress: bool = True,
+    binding: bool = False,
 ) -> dict[str, Path]:
     """Write ``images/``, ``train.jsonl`` and ``test.jsonl`` (LLaVA format) under ``out``."""
     from tqdm.auto import tqdm
@@ -106,7 +131,7 @@ def write_synthetic_dataset(
     files = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
     with files["train"].open("w") as train, files["test"].open("w") as test:
         for i in tqdm(range(num), desc="synthetic data", disable=not progress, unit="image"):
-            img, question, answer = make_example(rng, size)
+            img, question, answer = make_example(rng, size, binding=binding)
             name = f"images/{i:06d}.png"
             img.save(out / name)
             record = {"id": f"synth-{i:06d}", "image": name, "conversations": [

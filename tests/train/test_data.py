@@ -151,3 +151,22 @@ def test_data_commands(tmp_path, capsys):
     bad.write_text('{"id": "x", "image": "nope.png", "conversations": []}\n')
     assert main(["data", "check", str(bad), "--strict"]) == 2
     assert "bad.jsonl:1 (id x): 'conversations' must be a non-empty list" in capsys.readouterr().err
+
+
+def test_synthetic_questions_need_binding_only_when_asked():
+    import random
+
+    from fastvlm.train.synth import make_example, question_kind
+
+    simple = [make_example(random.Random(i), 128)[1] for i in range(40)]
+    hard = [make_example(random.Random(i), 128, binding=True)[1] for i in range(40)]
+    simple_questions = {
+        "What color is the shape? Answer with one word.",
+        "Which shape is in the image? Answer with one word.",
+        "How many shapes are there? Answer with one word.",
+        "What word is written in the image? Answer with the word.",
+    }
+    assert set(simple) == simple_questions
+    assert any(q.startswith("What color is the ") and q not in simple_questions for q in hard)
+    assert any(q.startswith("How many") and q not in simple_questions for q in hard)
+    assert {question_kind(q) for q in simple} == {"color", "shape", "count", "word"}
