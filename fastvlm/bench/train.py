@@ -92,7 +92,7 @@ def measure_training_step(
                 times, seen = [], 0.0
                 for batch in batches[1:]:
                     start = time.perf_counter()
-                    _, _, seen, _ = trainer._step([batch])
+                    seen = trainer._step([batch])["tokens"]
                     if trainer.runtime.device.type == "cuda":
                         torch.cuda.synchronize()
                     times.append(time.perf_counter() - start)
