@@ -21,6 +21,7 @@ The end of the run writes the final model to ``model/``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -389,23 +390,30 @@ class Trainer:
         }
 
     # ---------------------------------------------------------------- saving
+    @functools.cached_property
+    def _qlora_base(self) -> dict[str, torch.Tensor]:
+        """The source checkpoint's full-precision tensors (our names), read once: QLoRA's base is 4-bit."""
+        from fastvlm.checkpoints import model_keys_to_ours, read_checkpoint_tensors, read_config
+
+        folder = self.model.source_path
+        tensors = read_checkpoint_tensors(folder)
+        names = model_keys_to_ours(tensors, read_config(folder)[1])
+        return {names[k]: v for k, v in tensors.items()}
+
     def _export_state(self, model_state: dict) -> tuple[dict, dict]:
         """(weights for the FastVLM checkpoint, LoRA adapter tensors)."""
         if not self.config.lora_rank:
             return model_state, {}
-        base = {}
-        if self.config.qlora:  # the 4-bit base cannot be merged into: use the source checkpoint's weights
-            from fastvlm.checkpoints import model_keys_to_ours, read_checkpoint_tensors, read_config
-
-            folder = self.model.source_path
-            tensors = read_checkpoint_tensors(folder)
-            names = model_keys_to_ours(tensors, read_config(folder)[1])
-            base = {names[k]: v for k, v in tensors.items()}
+        base = self._qlora_base if self.config.qlora else {}
         merged = merge_lora(model_state, base, rank=self.config.lora_rank, alpha=self.config.lora_alpha)
         return merged, adapter_state(model_state)
 
-    def save_checkpoint(self, step: int) -> Path:
-        """Write ``checkpoint-{step}`` atomically; every process must call this."""
+    def save_checkpoint(self, step: int, *, final_model: bool = False) -> Path:
+        """Write ``checkpoint-{step}`` atomically; every process must call this.
+
+        With ``final_model`` the same gathered weights also go to ``model/`` (weights only,
+        LoRA merged), the trained model that outlives checkpoint pruning.
+        """
         from safetensors.torch import save_file
 
         rt = self.runtime
@@ -441,18 +449,10 @@ class Trainer:
             _fsync_folder(self.out)
             for old in list_checkpoints(self.out)[: -self.config.keep_checkpoints]:
                 _delete_atomically(old)
+            if final_model:
+                self.model.save_pretrained(self.out / "model", overwrite=True, state_dict=weights)
         D.barrier(rt)
         return final
-
-    def save_final(self) -> Path:
-        """The trained model in ``model/`` (weights only; LoRA merged)."""
-        model_state, _ = _full_state_dicts(self.wrapped)
-        target = self.out / "model"
-        if self.runtime.is_main:
-            weights, _ = self._export_state(model_state)
-            self.model.save_pretrained(target, overwrite=True, state_dict=weights)
-        D.barrier(self.runtime)
-        return target
 
     # ---------------------------------------------------------------- the loop
     def _loader(self):
@@ -565,8 +565,8 @@ class Trainer:
                 return result
         bar.close()
         log.close()
-        self.save_checkpoint(plan.total_steps)
-        result.final_model = self.save_final()
+        self.save_checkpoint(plan.total_steps, final_model=True)
+        result.final_model = self.out / "model"
         return result
 
     def _open_log(self):
