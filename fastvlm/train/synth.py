@@ -63,7 +63,7 @@ def make_example(rng: random.Random, size: int, *, binding: bool = False) -> tup
     draw = ImageDraw.Draw(img)
     taken: list[tuple[int, int, int, int]] = []
     kind = rng.choice(("color", "shape", "count", "word"))
-    side = size // 6
+    side = size // 4  # a shape spans about one visual token's 64-px cell at 256 px
     colors = list(COLORS)
     if kind == "word":
         word = rng.choice(WORDS)
