@@ -295,6 +295,42 @@ def cmd_data_score(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from fastvlm.eval import TASKS, evaluate
+
+    if args.task and args.tasks:
+        raise CLIError("pass --task NAME (with --data the task's folder) or --tasks, not both")
+    if not args.task and not args.tasks:
+        raise CLIError(f"pass --task NAME or --tasks all|NAME,NAME...; tasks: {', '.join(TASKS)}")
+    data = Path(args.data)
+    if args.task:
+        runs = [(args.task, data)]
+    else:  # --data is a parent folder with one sub-folder per task
+        names = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        unknown = [n for n in names if n not in TASKS]
+        if unknown:
+            raise CLIError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
+        runs = [(n, data / n) for n in names if (data / n).is_dir()]
+        skipped = [n for n in names if not (data / n).is_dir()]
+        if skipped:
+            print(f"no data folder for {', '.join(skipped)} under {data}; skipped", file=sys.stderr)
+        if not runs:
+            raise CLIError(f"{data} has no sub-folder named after a task ({', '.join(names)})")
+    if args.task and args.task not in TASKS:
+        raise CLIError(f"unknown task {args.task!r}; known tasks: {', '.join(TASKS)}")
+    for name, folder in runs:  # a wrong folder is reported before the model is loaded
+        TASKS[name].layout_for(folder)
+    model = _load_model(args)
+    for name, folder in runs:
+        r = evaluate(model, name, folder, args.out, limit=args.limit, batch_size=args.batch_size,
+                     max_new_tokens=args.max_new_tokens, overwrite=args.overwrite, model_name=args.model)  # fmt: skip
+        speed = r["throughput"]["samples_per_s"]
+        speed_text = f", {speed:.2f} samples/s" if speed else ""
+        errors = f", {r['errors']} failed samples (see predictions.jsonl)" if r["errors"] else ""
+        print(f"{r['title']}: {r['metric']} {100 * r['score']:.2f} on {r['n']} samples{speed_text}{errors}")
+    print(f"results: {Path(args.out) / 'results.md'}")
+
+
 def cmd_init(args: argparse.Namespace) -> None:
     from fastvlm.model import FastVLM, fastvlm_config
 
@@ -402,6 +438,31 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
     title = f"Training step of FastVLM-{args.llm.upper()} (random weights, fp32 master weights), one process; "
     _print_benchmark(title + f"median of {args.steps} steps after a warm-up", format_train_table(rows), rows, meta,
                      args.json)  # fmt: skip
+
+
+def cmd_bench_eval(args: argparse.Namespace) -> None:
+    from fastvlm.bench.evaluation import format_eval_table, measure_eval_throughput
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _check_resolutions(args.resolutions)
+    if args.samples < 1 or args.max_new_tokens < 1 or any(b < 1 for b in args.batch_sizes):
+        raise CLIError("--samples, --max-new-tokens and every --batch-sizes value must be at least 1")
+    batches = tuple(dict.fromkeys([1, *args.batch_sizes]))  # batch 1 is the baseline
+    rows = []
+    for device in _bench_devices(args.device):
+        for px in args.resolutions:
+            rows += measure_eval_throughput(
+                args.llm,
+                px,
+                samples=args.samples,
+                batch_sizes=batches,
+                max_new_tokens=args.max_new_tokens,
+                device=device,
+                progress=True,
+            )
+    title = f"fastvlm eval (GQA layout, synthetic images) with FastVLM-{args.llm.upper()}, random weights, greedy"
+    _print_benchmark(title, format_eval_table(rows), rows, machine_description(), args.json)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -534,6 +595,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the scores (and every wrong answer) to this file")
     p.set_defaults(func=cmd_data_score)
 
+    p = sub.add_parser("eval", help="score a model on the paper's benchmarks from local copies of their data")
+    _add_model_loading_arguments(p)
+    p.add_argument("--task", help="one task; --data is then its folder")
+    p.add_argument("--tasks", help="'all' or NAME,NAME...; --data is then a folder with one sub-folder per task")
+    p.add_argument("--data", required=True, help="benchmark data folder (see README: Evaluation)")
+    p.add_argument("--out", default="eval_results", help="predictions, results.json per task, results.md")
+    p.add_argument("--limit", type=int, help="only the first N samples of each task")
+    p.add_argument("--batch-size", type=int, help="samples per generate call (default: 1 on CPU, 8 on GPU)")
+    p.add_argument("--max-new-tokens", type=int, help="default: the task protocol's own limit")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier predictions in --out")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("init", help="write a randomly initialised FastVLM checkpoint (to train from scratch)")
     p.add_argument("out", help="folder to create")
     p.add_argument("--like", help="copy the architecture and tokenizer of this checkpoint (weights are not copied)")
@@ -615,18 +688,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the rows and machine description to this JSON file")
     p.set_defaults(func=cmd_bench_train)
 
+    p = sub.add_parser("bench-eval", help="evaluation throughput (samples/s) of a FastVLM-sized model, by batch size")
+    p.add_argument("--llm", choices=["0.5b", "1.5b", "7b"], default="0.5b")
+    p.add_argument("--resolutions", type=int, nargs="+", default=[1024])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[8], help="compared with batch size 1")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--device", nargs="+", choices=["cpu", "cuda"], help="default: cpu, and cuda when present")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", help="also write the rows and machine description to this JSON file")
+    p.set_defaults(func=cmd_bench_eval)
+
     p = sub.add_parser("bench-encoder", help="FastViTHD latency: released inference form vs our fused form")
     add_bench_encoder_arguments(p)
     p.set_defaults(func=cmd_bench_encoder)
     return parser
 
 
-def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+def _add_model_loading_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (authors', transformers' or ours) or hub id")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
     p.add_argument("--image-mode", choices=["pad", "crop"], help="pad to square (authors) or centre-crop")
     p.add_argument("--allow-large-images", action="store_true", help="lift the 100-megapixel guard")
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    _add_model_loading_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --temperature > 0)")

@@ -13,6 +13,7 @@ image, which the model expands to the image's visual tokens.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ DEFAULT_IMAGE_TOKEN = "<image>"
 DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused unless allowed (decompression bombs)
 SYSTEM_PROMPT = "You are a helpful assistant."
 
-ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
 
 
 class ImageError(ValueError):
@@ -42,10 +43,13 @@ class PromptError(ValueError):
 # ------------------------------------------------------------------------------------- images
 
 
-def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(
+    image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, exif_transpose: bool = True
+) -> Image.Image:
     """Open ``image`` as an upright 8-bit RGB PIL image, with clear errors for bad files.
 
     ``max_pixels`` guards against decompression bombs (None disables the guard).
+    ``exif_transpose=False`` keeps the stored orientation (benchmarks were scored that way).
     A tensor or array is taken as already decoded: HWC or CHW, uint8 or float in [0, 1].
     """
     if isinstance(image, Image.Image):
@@ -54,13 +58,16 @@ def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
     elif isinstance(image, (np.ndarray, torch.Tensor)):
         return _array_to_pil(image)
     else:
-        path = Path(image)
-        if not path.is_file():
-            raise ImageError(f"image file not found: {path}")
+        if isinstance(image, (bytes, bytearray)):  # an encoded file held in memory (e.g. a parquet cell)
+            path, source = "(encoded bytes)", io.BytesIO(image)
+        else:
+            path = source = Path(image)
+            if not path.is_file():
+                raise ImageError(f"image file not found: {path}")
         pil_limit = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None  # our max_pixels check below replaces PIL's; open() reads the header only
         try:
-            img = Image.open(path)
+            img = Image.open(source)
         except (UnidentifiedImageError, OSError) as err:
             raise ImageError(f"cannot read image {path}: not an image file PIL can decode ({err})") from None
         finally:
@@ -70,7 +77,8 @@ def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
             img.load()
         except (OSError, SyntaxError) as err:
             raise ImageError(f"cannot read image {path}: the file is truncated or corrupt ({err})") from None
-    img = ImageOps.exif_transpose(img)
+    if exif_transpose:
+        img = ImageOps.exif_transpose(img)
     return to_rgb(img)
 
 

@@ -144,6 +144,16 @@ def test_missing_unreadable_and_truncated_files_are_named(tmp_path):
         load_image(cut)
 
 
+def test_encoded_bytes_decode_like_the_file_and_bad_bytes_are_named(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray((np.random.rand(20, 30, 3) * 255).astype(np.uint8)).save(good)
+    assert np.array_equal(np.asarray(load_image(good.read_bytes())), np.asarray(load_image(good)))
+    with pytest.raises(ImageError, match=r"cannot read image \(encoded bytes\): not an image file"):
+        load_image(b"not an image")
+    with pytest.raises(ImageError, match=r"\(encoded bytes\): the file is truncated or corrupt"):
+        load_image(good.read_bytes()[:200])
+
+
 def test_decompression_bomb_is_refused_unless_allowed(tmp_path):
     bomb = tmp_path / "bomb.png"
     Image.new("1", (12_000, 10_000)).save(bomb)  # 120 MP, a few KB on disk

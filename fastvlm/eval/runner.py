@@ -1,0 +1,242 @@
+"""Running a task: batched greedy answers appended to a predictions file, then scoring.
+
+Output of ``evaluate(model, "textvqa", DATA, OUT)``::
+
+    OUT/textvqa/run.json            what produced the predictions (model, layout, decoding)
+    OUT/textvqa/predictions.jsonl   one line per sample: id, prediction, reference
+    OUT/textvqa/results.json        metrics, sample count, throughput
+    OUT/results.md                  one table row per task found under OUT
+
+Every finished batch is appended and flushed, so an interrupted run loses at most one
+batch: the next run with the same settings reads the file, drops a torn last line, and
+continues with the samples that have no prediction yet (or whose image failed). A run
+with other settings (another model, dtype, layout or decoding length) is refused unless
+``overwrite`` is set: mixing predictions of two models gives a score that belongs to neither.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from itertools import islice
+from pathlib import Path
+
+from fastvlm.eval.data import DataError
+from fastvlm.eval.tasks import TASKS, Layout, Sample, Task, get_task
+from fastvlm.processing import DEFAULT_MAX_PIXELS, ImageError, PromptError
+
+RUN_KEYS = ("task", "layout", "model", "dtype", "max_new_tokens", "image_mode")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_predictions(path: Path) -> dict[str, dict]:
+    """Predictions already in ``path`` by id; a torn last line (a killed run) is cut off the file."""
+    if not path.exists():
+        return {}
+    done: dict[str, dict] = {}
+    good_bytes = 0
+    with path.open("rb") as f:
+        for n, line in enumerate(f, start=1):
+            try:
+                row = json.loads(line)
+                if not line.endswith(b"\n"):
+                    raise ValueError("no newline")
+            except ValueError:
+                if f.read(1):  # not the last line: the file was damaged some other way
+                    raise DataError(
+                        f"{path}:{n} is not a valid prediction line; remove the file to start over"
+                    ) from None
+                break
+            if not isinstance(row, dict) or "id" not in row or "prediction" not in row:
+                raise DataError(f"{path}:{n} is not a prediction line (no id / prediction); remove it to start over")
+            done[row["id"]] = row
+            good_bytes += len(line)
+    if good_bytes != path.stat().st_size:
+        with path.open("r+b") as f:
+            f.truncate(good_bytes)
+    return done
+
+
+def _check_run(out: Path, settings: dict, overwrite: bool) -> None:
+    run_file = out / "run.json"
+    if overwrite:
+        for name in ("predictions.jsonl", "results.json"):
+            (out / name).unlink(missing_ok=True)
+    elif run_file.exists():
+        before = json.loads(run_file.read_text())
+        changed = [k for k in RUN_KEYS if before.get(k) != settings.get(k)]
+        if changed:
+            diffs = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            raise DataError(
+                f"{out} holds predictions made with other settings ({diffs}); pass --overwrite to start over "
+                "or choose another --out"
+            )
+    _write_atomically(run_file, json.dumps(settings, indent=2) + "\n")
+
+
+def _answer(model, batch: list[Sample], max_new_tokens: int, max_pixels: int | None) -> list[dict]:
+    """Greedy answers for a batch; a sample that fails (bad image, over-long prompt) gets an
+    empty prediction and its error, and the rest of the batch still runs."""
+    rows: list[dict] = [{"id": s.id, "prediction": "", "reference": s.reference} for s in batch]
+    images: list = []
+    ready: list[int] = []
+    for i, sample in enumerate(batch):
+        try:
+            images.append(sample.image(max_pixels=max_pixels) if sample.image is not None else None)
+            ready.append(i)
+        except (ImageError, DataError) as err:
+            rows[i]["error"] = f"image: {err}"
+    if not ready:
+        return rows
+    prompts = [batch[i].prompt for i in ready]
+    try:
+        results = model.generate(images, prompts, max_new_tokens=max_new_tokens)
+        texts = [r.text for r in results]
+    except PromptError as err:
+        if len(ready) == 1:
+            rows[ready[0]]["error"] = f"generation: {err}"
+            return rows
+        texts = []  # find the culprit: answer one by one
+        for i, image, prompt in zip(ready, images, prompts, strict=True):
+            try:
+                texts.append(model.generate([image], [prompt], max_new_tokens=max_new_tokens)[0].text)
+            except PromptError as one_err:
+                rows[i]["error"] = f"generation: {one_err}"
+                texts.append("")
+    for i, text in zip(ready, texts, strict=True):
+        rows[i]["prediction"] = text  # as decoded; each protocol's own answer extraction runs when scoring
+    return rows
+
+
+def evaluate(
+    model,
+    task: str | Task,
+    data: str | Path,
+    out: str | Path,
+    *,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    overwrite: bool = False,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Answer and score one task; returns the results dict also written to ``results.json``."""
+    from tqdm.auto import tqdm
+
+    task = get_task(task) if isinstance(task, str) else task
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    if batch_size is None:  # batches pay off on a GPU; on a CPU one at a time was as fast (see bench-eval)
+        device = next(model.parameters()).device.type if hasattr(model, "parameters") else "cpu"
+        batch_size = 1 if device == "cpu" else 8
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    data = Path(data)
+    layout: Layout = task.layout_for(data)
+    samples = layout.read(data)
+    tokens = max_new_tokens or layout.max_new_tokens
+    out_dir = Path(out) / task.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "task": task.name,
+        "layout": layout.name,
+        "model": model_name or str(getattr(model, "source_path", None) or "model"),
+        "dtype": str(next(model.parameters()).dtype) if hasattr(model, "parameters") else None,
+        "max_new_tokens": tokens,
+        "image_mode": getattr(model.config, "image_mode", None),
+        "data": str(data),
+        "protocol": layout.protocol,
+    }
+    _check_run(out_dir, settings, overwrite)
+    processor = getattr(model, "image_processor", None)
+    max_pixels = getattr(processor, "max_pixels", DEFAULT_MAX_PIXELS)
+    pred_file = out_dir / "predictions.jsonl"
+    done = read_predictions(pred_file)
+
+    total = min(samples.total, limit) if limit is not None else samples.total
+    order: list[str] = []
+    seen: set[str] = set()
+    new = 0
+    seconds = 0.0
+    batch: list[Sample] = []
+    bar = tqdm(total=total, desc=task.name, unit="sample", disable=not progress)
+
+    def flush() -> None:
+        nonlocal new, seconds
+        start = time.perf_counter()
+        rows = _answer(model, batch, tokens, max_pixels)
+        seconds += time.perf_counter() - start
+        with pred_file.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+                done[row["id"]] = row
+            f.flush()
+            os.fsync(f.fileno())
+        new += len(rows)
+        bar.update(len(rows))
+        batch.clear()
+
+    with bar:
+        for sample in islice(samples.items, limit):
+            if sample.id in seen:
+                raise DataError(f"{task.name}: sample id {sample.id!r} occurs twice in {data}")
+            seen.add(sample.id)
+            order.append(sample.id)
+            if sample.id in done and "error" not in done[sample.id]:  # failed samples are tried again
+                bar.update(1)
+                continue
+            batch.append(sample)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+
+    rows = [{**done[i], "answer": layout.answer(done[i]["prediction"], done[i]["reference"])} for i in order]
+    metrics = layout.score(rows)
+    results = {
+        "task": task.name,
+        "title": task.title,
+        "metric": layout.headline,
+        "score": metrics[layout.headline],
+        "metrics": metrics,
+        "n": len(rows),
+        "errors": sum("error" in r for r in rows),
+        "limit": limit,
+        **{k: settings[k] for k in ("layout", "protocol", "model", "data", "max_new_tokens")},
+        "batch_size": batch_size,
+        "throughput": {
+            "new_samples": new,
+            "seconds": round(seconds, 3),
+            "samples_per_s": round(new / seconds, 4) if seconds > 0 else None,
+        },
+    }
+    _write_atomically(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    write_summary(Path(out))
+    return results
+
+
+def write_summary(out: Path) -> Path:
+    """``out/results.md``: one row per task with a results.json under ``out``."""
+    lines = [
+        "| task | metric | score | samples | errors | protocol |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for name in TASKS:
+        file = out / name / "results.json"
+        if file.exists():
+            r = json.loads(file.read_text())
+            limited = f" (limit {r['limit']})" if r.get("limit") else ""
+            lines.append(
+                f"| {r['title']} | {r['metric']} | {100 * r['score']:.2f} | {r['n']}{limited} | {r['errors']} | "
+                f"{r['protocol']} |"
+            )
+    path = out / "results.md"
+    _write_atomically(path, "\n".join(lines) + "\n")
+    return path
