@@ -331,6 +331,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"results: {Path(args.out) / 'results.md'}")
 
 
+def cmd_eval_rescore(args: argparse.Namespace) -> None:
+    from fastvlm.eval import TASKS, rescore
+
+    out = Path(args.out)
+    names = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise CLIError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
+    found = [n for n in names if (out / n / "predictions.jsonl").exists()]
+    if not found:
+        raise CLIError(f"{out} has no <task>/predictions.jsonl for {', '.join(names)}")
+    for name in found:
+        r = rescore(out, name)
+        print(f"{r['title']}: {r['metric']} {100 * r['score']:.2f} on {r['n']} samples")
+    print(f"results: {out / 'results.md'}")
+
+
 def cmd_init(args: argparse.Namespace) -> None:
     from fastvlm.model import FastVLM, fastvlm_config
 
@@ -606,6 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="default: the task protocol's own limit")
     p.add_argument("--overwrite", action="store_true", help="discard earlier predictions in --out")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("eval-rescore", help="score an eval run's predictions again (no model or data needed)")
+    p.add_argument("--out", required=True, help="the --out folder of an earlier fastvlm eval")
+    p.add_argument("--tasks", default="all", help="'all' (default) or NAME,NAME...")
+    p.set_defaults(func=cmd_eval_rescore)
 
     p = sub.add_parser("init", help="write a randomly initialised FastVLM checkpoint (to train from scratch)")
     p.add_argument("out", help="folder to create")

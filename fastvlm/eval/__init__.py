@@ -4,7 +4,7 @@ and scored exactly as the official scripts score them.
 ``fastvlm eval --model M --task textvqa --data DIR`` or :func:`evaluate`.
 """
 
-from fastvlm.eval.runner import evaluate, read_predictions
+from fastvlm.eval.runner import evaluate, read_predictions, rescore
 from fastvlm.eval.tasks import TASKS, get_task
 
-__all__ = ["TASKS", "evaluate", "get_task", "read_predictions"]
+__all__ = ["TASKS", "evaluate", "get_task", "read_predictions", "rescore"]

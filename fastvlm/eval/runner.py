@@ -198,7 +198,17 @@ def evaluate(
         if batch:
             flush()
 
-    rows = [{**done[i], "answer": layout.answer(done[i]["prediction"], done[i]["reference"])} for i in order]
+    throughput = {
+        "new_samples": new,
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(new / seconds, 4) if seconds > 0 else None,
+    }
+    extra = {"limit": limit, "batch_size": batch_size, "throughput": throughput}
+    return _score_and_write(task, layout, [done[i] for i in order], settings, extra, Path(out))
+
+
+def _score_and_write(task: Task, layout: Layout, predictions: list[dict], settings: dict, extra: dict, out: Path):
+    rows = [{**r, "answer": layout.answer(r["prediction"], r["reference"])} for r in predictions]
     metrics = layout.score(rows)
     results = {
         "task": task.name,
@@ -208,18 +218,37 @@ def evaluate(
         "metrics": metrics,
         "n": len(rows),
         "errors": sum("error" in r for r in rows),
-        "limit": limit,
-        **{k: settings[k] for k in ("layout", "protocol", "model", "data", "max_new_tokens")},
-        "batch_size": batch_size,
-        "throughput": {
-            "new_samples": new,
-            "seconds": round(seconds, 3),
-            "samples_per_s": round(new / seconds, 4) if seconds > 0 else None,
-        },
+        **{k: settings.get(k) for k in ("layout", "protocol", "model", "data", "max_new_tokens")},
+        **extra,
     }
-    _write_atomically(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
-    write_summary(Path(out))
+    _write_atomically(out / task.name / "results.json", json.dumps(results, indent=2) + "\n")
+    write_summary(out)
     return results
+
+
+def rescore(out: str | Path, task: str | Task) -> dict:
+    """Score ``out/<task>/predictions.jsonl`` again, without the model or the data.
+
+    Predictions carry their references, so this needs only the files a run wrote; use it
+    after a change to a scoring rule, or to score predictions gathered on other machines.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    out = Path(out)
+    run_file, pred_file = out / task.name / "run.json", out / task.name / "predictions.jsonl"
+    if not run_file.exists() or not pred_file.exists():
+        raise DataError(f"{out / task.name} has no run.json and predictions.jsonl to rescore")
+    settings = json.loads(run_file.read_text())
+    layouts = {lay.name: lay for lay in task.layouts}
+    if settings.get("layout") not in layouts:
+        raise DataError(f"{run_file}: layout {settings.get('layout')!r} is not one of {task.name}'s {list(layouts)}")
+    predictions = list(read_predictions(pred_file).values())  # dataset order; a retried sample keeps its place
+    if not predictions:
+        raise DataError(f"{pred_file} holds no predictions")
+    previous = out / task.name / "results.json"
+    before = json.loads(previous.read_text()) if previous.exists() else {}
+    extra = {"limit": None, "batch_size": before.get("batch_size"), "throughput": before.get("throughput"),
+             "rescored": True}  # fmt: skip
+    return _score_and_write(task, layouts[settings["layout"]], predictions, settings, extra, out)
 
 
 def write_summary(out: Path) -> Path:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from fastvlm.cli import main
-from fastvlm.eval import TASKS, evaluate, read_predictions
+from fastvlm.eval import TASKS, evaluate, read_predictions, rescore
 from fastvlm.eval.data import DataError
 from tests.conftest import fixture_path
 from tests.eval.layouts import ALTERNATE_BUILDERS, BUILDERS, SHORT, gqa, pope_llava, save_image
@@ -230,3 +230,18 @@ def test_cli_rejects_unknown_tasks_and_missing_folders(tmp_path, capsys):
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert main(["eval", "--model", model, "--tasks", "gqa,pope", "--data", str(tmp_path)]) == 2
     assert "no sub-folder named after a task" in capsys.readouterr().err
+
+
+def test_rescoring_needs_only_the_run_folder(tmp_path, capsys):
+    built = BUILDERS["mmmu"](tmp_path / "mmmu")
+    first = evaluate(ScriptedModel(built.answers), "mmmu", tmp_path / "mmmu", tmp_path / "out", progress=False)
+    (tmp_path / "mmmu").rename(tmp_path / "gone")  # the data is not needed any more
+    again = rescore(tmp_path / "out", "mmmu")
+    assert again["score"] == first["score"] and again["metrics"] == first["metrics"] and again["rescored"]
+    pred_file = tmp_path / "out" / "mmmu" / "predictions.jsonl"
+    rows = [json.loads(line) for line in pred_file.read_text().splitlines()]
+    rows[0]["prediction"] = "(A)"  # a wrong letter for the Art question: Art 0/1, Math 2/2 -> 2/3
+    pred_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["eval-rescore", "--out", str(tmp_path / "out")]) == 0
+    assert "MMMU (val): accuracy 66.67 on 3 samples" in capsys.readouterr().out
+    assert main(["eval-rescore", "--out", str(tmp_path / "nothing")]) == 2
