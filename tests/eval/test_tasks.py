@@ -29,15 +29,17 @@ class ScriptedModel:
         self.answers, self.pad = answers, pad
         self.asked: list[str] = []
         self.sizes: list[tuple[int, int]] = []
+        self.colors: dict[str, tuple | None] = {}  # prompt -> the colour of the image it came with
         self.max_new_tokens: set[int] = set()
         self.config = type("Config", (), {"image_mode": "pad"})()
         self.source_path = Path("scripted")
 
     def generate(self, images, prompts, *, max_new_tokens: int):
         assert len(images) == len(prompts)
-        for image in images:
+        for image, prompt in zip(images, prompts, strict=True):
             assert image is None or (isinstance(image, Image.Image) and image.mode == "RGB")
             self.sizes += [image.size] if image is not None else []
+            self.colors[prompt] = image.getpixel((0, 0)) if image is not None else None
         for prompt in prompts:
             assert prompt in self.answers, f"unexpected prompt {prompt!r}"
         self.asked += prompts
@@ -157,9 +159,13 @@ def test_predictions_from_other_settings_are_not_mixed(tmp_path):
 def test_a_broken_image_is_reported_and_the_run_goes_on(tmp_path):
     built = gqa(tmp_path / "gqa")
     (tmp_path / "gqa" / "images" / "n2.jpg").write_bytes(b"not an image")
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "gqa" / "images" / "n3.png", format="PNG")
+    (tmp_path / "gqa" / "images" / "n3.png").rename(tmp_path / "gqa" / "images" / "n3.jpg")
     model = ScriptedModel(built.answers)
-    result = evaluate(model, "gqa", tmp_path / "gqa", tmp_path / "out", progress=False)
+    result = evaluate(model, "gqa", tmp_path / "gqa", tmp_path / "out", batch_size=3, progress=False)
     assert result["errors"] == 1 and len(model.asked) == 2
+    # the batch lost its middle sample: the third prompt still travels with the third image
+    assert model.colors["Which color is the car?" + SHORT] == (0, 0, 255)
     rows = read_predictions(tmp_path / "out" / "gqa" / "predictions.jsonl")
     assert "cannot read image" in rows["202"]["error"] and rows["202"]["prediction"] == ""
     assert result["score"] == pytest.approx(1 / 3)  # the empty answer to "cup" is wrong
