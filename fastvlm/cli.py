@@ -295,6 +295,17 @@ def cmd_data_score(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
+def _eval_task_names(spec: str) -> list[str]:
+    """'all' or 'a,b,...' as a list of known task names."""
+    from fastvlm.eval import TASKS
+
+    names = list(TASKS) if spec == "all" else [t.strip() for t in spec.split(",") if t.strip()]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise CLIError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
+    return names
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from fastvlm.eval import TASKS, evaluate
 
@@ -306,10 +317,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.task:
         runs = [(args.task, data)]
     else:  # --data is a parent folder with one sub-folder per task
-        names = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
-        unknown = [n for n in names if n not in TASKS]
-        if unknown:
-            raise CLIError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
+        names = _eval_task_names(args.tasks)
         runs = [(n, data / n) for n in names if (data / n).is_dir()]
         skipped = [n for n in names if not (data / n).is_dir()]
         if skipped:
@@ -332,13 +340,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_rescore(args: argparse.Namespace) -> None:
-    from fastvlm.eval import TASKS, rescore
+    from fastvlm.eval import rescore
 
     out = Path(args.out)
-    names = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [n for n in names if n not in TASKS]
-    if unknown:
-        raise CLIError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
+    names = _eval_task_names(args.tasks)
     found = [n for n in names if (out / n / "predictions.jsonl").exists()]
     if not found:
         raise CLIError(f"{out} has no <task>/predictions.jsonl for {', '.join(names)}")

@@ -22,6 +22,7 @@ import time
 from itertools import islice
 from pathlib import Path
 
+from fastvlm.bench.measure import markdown_table
 from fastvlm.eval.data import DataError
 from fastvlm.eval.tasks import TASKS, Layout, Sample, Task, get_task
 from fastvlm.processing import DEFAULT_MAX_PIXELS, ImageError, PromptError
@@ -133,9 +134,9 @@ def evaluate(
     task = get_task(task) if isinstance(task, str) else task
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
+    weight = next(model.parameters()) if hasattr(model, "parameters") else None
     if batch_size is None:  # batches pay off on a GPU; on a CPU one at a time was as fast (see bench-eval)
-        device = next(model.parameters()).device.type if hasattr(model, "parameters") else "cpu"
-        batch_size = 1 if device == "cpu" else 8
+        batch_size = 8 if weight is not None and weight.device.type != "cpu" else 1
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     data = Path(data)
@@ -148,7 +149,7 @@ def evaluate(
         "task": task.name,
         "layout": layout.name,
         "model": model_name or str(getattr(model, "source_path", None) or "model"),
-        "dtype": str(next(model.parameters()).dtype) if hasattr(model, "parameters") else None,
+        "dtype": str(weight.dtype) if weight is not None else None,
         "max_new_tokens": tokens,
         "image_mode": getattr(model.config, "image_mode", None),
         "data": str(data),
@@ -253,19 +254,15 @@ def rescore(out: str | Path, task: str | Task) -> dict:
 
 def write_summary(out: Path) -> Path:
     """``out/results.md``: one row per task with a results.json under ``out``."""
-    lines = [
-        "| task | metric | score | samples | errors | protocol |",
-        "|---|---|---:|---:|---:|---|",
-    ]
+    rows = []
     for name in TASKS:
         file = out / name / "results.json"
         if file.exists():
             r = json.loads(file.read_text())
             limited = f" (limit {r['limit']})" if r.get("limit") else ""
-            lines.append(
-                f"| {r['title']} | {r['metric']} | {100 * r['score']:.2f} | {r['n']}{limited} | {r['errors']} | "
-                f"{r['protocol']} |"
-            )
+            rows.append([r["title"], r["metric"], f"{100 * r['score']:.2f}", f"{r['n']}{limited}", str(r["errors"]),
+                         r["protocol"]])  # fmt: skip
+    table = markdown_table(["task", "metric", ">score", ">samples", ">errors", "protocol"], rows)
     path = out / "results.md"
-    _write_atomically(path, "\n".join(lines) + "\n")
+    _write_atomically(path, table + "\n")
     return path

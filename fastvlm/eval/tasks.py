@@ -118,8 +118,9 @@ def _need(row: dict, keys: tuple[str, ...], where: str) -> None:
         raise DataError(f"{where} lacks field(s) {missing}")
 
 
-def _parquet_layout_reader(split: str, config: str | None, columns: tuple[str, ...], make):
-    """A reader for a parquet release: ``make(row, index, folder)`` builds each Sample."""
+def _parquet_layout_reader(split: str, config: str | None, columns: tuple[str, ...], make, count=parquet_num_rows):
+    """A reader for a parquet release: ``make(row, index, folder)`` builds each Sample (None
+    skips the row); ``count(files)`` is the number of samples, for the progress bar."""
 
     def read(folder: Path) -> Samples:
         files = parquet_files(folder, split, config)
@@ -131,13 +132,9 @@ def _parquet_layout_reader(split: str, config: str | None, columns: tuple[str, .
                 if sample is not None:
                     yield sample
 
-        return Samples(parquet_num_rows(files), items())
+        return Samples(count(files), items())
 
     return read
-
-
-def _detect_parquet(folder: Path) -> bool:
-    return has_parquet(folder)
 
 
 def _detect_files(*names: str) -> Callable[[Path], bool]:
@@ -391,32 +388,24 @@ def _sqa_lmms_sample(row: dict, i: int, folder: Path) -> Sample | None:
 
 
 def _score_sqa_lmms(rows: list[dict]) -> dict:
-    ref = [r["reference"] for r in rows]
-    return {"exact_match": _mean([M.scienceqa_lmms_correct(r["answer"], x["answer"], x["n_choices"])
-                                  for r, x in zip(rows, ref, strict=True)])}  # fmt: skip
+    hits = [M.scienceqa_lmms_correct(r["answer"], r["reference"]["answer"], r["reference"]["n_choices"]) for r in rows]
+    return {"exact_match": _mean(hits)}
 
 
 # ------------------------------------------------------------------------------ SeedBench, AI2D, RealWorldQA
 
 
-def _read_seedbench(folder: Path) -> Samples:
-    files = parquet_files(folder, "test")
-    total = sum(t == "image" for row in parquet_rows(files, columns=["data_type"]) for t in [row["data_type"]])
+def _seedbench_images(files: list[Path]) -> int:
+    return sum(row["data_type"] == "image" for row in parquet_rows(files, columns=["data_type"]))
 
-    def items() -> Iterator[Sample]:
-        for i, row in enumerate(parquet_rows(files)):
-            _need(row, ("question", "choice_a", "choice_b", "choice_c", "choice_d", "answer", "data_type", "image"),
-                  f"SEED-Bench row {i}")  # fmt: skip
-            if row["data_type"] != "image":
-                continue
-            prompt = (f"{row['question']}\nA. {row['choice_a']}\nB. {row['choice_b']}\nC. {row['choice_c']}\n"
-                      f"D. {row['choice_d']}{LETTER_ANSWER}")  # fmt: skip
-            cells = row["image"] if isinstance(row["image"], list) else [row["image"]]
-            yield Sample(
-                str(row.get("question_id", i)), prompt, _cell_image(cells[0], folder), {"answer": row["answer"]}
-            )
 
-    return Samples(total, items())
+def _seedbench_sample(row: dict, i: int, folder: Path) -> Sample | None:
+    if row["data_type"] != "image":  # SeedBench-I: the video questions are left out
+        return None
+    prompt = (f"{row['question']}\nA. {row['choice_a']}\nB. {row['choice_b']}\nC. {row['choice_c']}\n"
+              f"D. {row['choice_d']}{LETTER_ANSWER}")  # fmt: skip
+    cells = row["image"] if isinstance(row["image"], list) else [row["image"]]
+    return Sample(str(row.get("question_id", i)), prompt, _cell_image(cells[0], folder), {"answer": row["answer"]})
 
 
 def _score_seedbench(rows: list[dict]) -> dict:
@@ -435,11 +424,6 @@ def _ai2d_answer(text: str, reference: dict) -> str:
     return M.ai2d_choice(text).strip()  # the filter sees the raw text; the strip comes after
 
 
-def _score_ai2d(rows: list[dict]) -> dict:
-    return {"exact_match": _mean([M.exact_match(r["answer"], r["reference"]["answer"])
-                                  for r in rows])}  # fmt: skip
-
-
 def _realworldqa_sample(row: dict, i: int, folder: Path) -> Sample:
     question = row["question"].strip()  # lmms-eval's default post-prompt is empty: the question is kept whole
     return Sample(str(i), question, _cell_image(row["image"], folder),
@@ -450,7 +434,8 @@ def _realworldqa_answer(text: str, reference: dict) -> str:
     return M.realworldqa_choice(text, reference["question"]).strip()  # filters on the raw text, then strip
 
 
-def _score_realworldqa(rows: list[dict]) -> dict:
+def _score_exact_match(rows: list[dict]) -> dict:
+    """HF exact match (case and punctuation ignored) of the filtered answer: AI2D, RealWorldQA."""
     return {"exact_match": _mean([M.exact_match(r["answer"], r["reference"]["answer"]) for r in rows])}
 
 
@@ -510,14 +495,15 @@ def _score_mmmu(rows: list[dict], seed: int = 0) -> dict:
 
 
 def _lmms(split: str, columns: tuple[str, ...], make, score, headline: str, max_new_tokens: int,
-          config: str | None = None, dataset: str = "", answer=strip_answer) -> Layout:  # fmt: skip
+          config: str | None = None, dataset: str = "", answer=strip_answer, count=parquet_num_rows,
+          ) -> Layout:  # fmt: skip
     where = f"{config}/" if config else ""
     return Layout(
         name="lmms-eval",
         protocol=f"lmms-eval v0.2.2 ({dataset})",
         files=f"{where}{split}-*.parquet (from the {dataset} dataset repo)",
-        detect=_detect_parquet,
-        read=_parquet_layout_reader(split, config, columns, make),
+        detect=has_parquet,
+        read=_parquet_layout_reader(split, config, columns, make, count),
         score=score,
         headline=headline,
         max_new_tokens=max_new_tokens,
@@ -578,20 +564,20 @@ TASKS: dict[str, Task] = {
                   "exact_match", 16, config="ScienceQA-IMG", dataset="lmms-lab/ScienceQA"),
         )),
         Task("seedbench", "SeedBench (image)", (
-            Layout("lmms-eval", "lmms-eval v0.2.2 (lmms-lab/SEED-Bench), seed_image",
-                   "test-*.parquet (from the lmms-lab/SEED-Bench dataset repo)", _detect_parquet, _read_seedbench,
-                   _score_seedbench, "seed_image", LMMS_EVAL_MAX_NEW_TOKENS),
+            _lmms("test", ("question", "choice_a", "choice_b", "choice_c", "choice_d", "answer", "data_type", "image"),
+                  _seedbench_sample, _score_seedbench, "seed_image", LMMS_EVAL_MAX_NEW_TOKENS,
+                  dataset="lmms-lab/SEED-Bench", count=_seedbench_images),
         )),
         Task("mmmu", "MMMU (val)", (
             _lmms("validation", ("id", "question", "options", "answer", "question_type"), _mmmu_sample, _score_mmmu,
                   "accuracy", 16, dataset="lmms-lab/MMMU"),
         )),
         Task("ai2d", "AI2D (test)", (
-            _lmms("test", ("question", "options", "answer", "image"), _ai2d_sample, _score_ai2d, "exact_match", 16,
-                  dataset="lmms-lab/ai2d", answer=_ai2d_answer),
+            _lmms("test", ("question", "options", "answer", "image"), _ai2d_sample, _score_exact_match,
+                  "exact_match", 16, dataset="lmms-lab/ai2d", answer=_ai2d_answer),
         )),
         Task("realworldqa", "RealWorldQA (test)", (
-            _lmms("test", ("question", "answer", "image"), _realworldqa_sample, _score_realworldqa, "exact_match",
+            _lmms("test", ("question", "answer", "image"), _realworldqa_sample, _score_exact_match, "exact_match",
                   16, dataset="lmms-lab/RealWorldQA", answer=_realworldqa_answer),
         )),
     ]
