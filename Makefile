@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test lint bench-encoder clean
+.PHONY: demo test lint typecheck bench-encoder clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check fastvlm tests benchmarks
 	$(VENV)/bin/ruff format --check fastvlm tests benchmarks
 
-test: lint
+# Static types of the package (settings in pyproject.toml's [tool.mypy]).
+typecheck: $(VENV)/.installed
+	$(VENV)/bin/mypy
+
+test: lint typecheck
 	$(PY) -m pytest -q
 
 clean:
