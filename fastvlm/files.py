@@ -29,7 +29,12 @@ from fastvlm.errors import CheckpointError, CheckpointNotFoundError
 # Files a FastVLM checkpoint needs from a hub repository (weights, configs, tokenizer).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "*.jinja", "tokenizer*"]
 # Weight files of a checkpoint folder; a new save removes the old ones, which would shadow it.
-WEIGHT_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+WEIGHT_PATTERNS = (
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+)
 # Hidden names of folders in the middle of being written or deleted.
 STAGING_SUFFIX = ".staging"
 DELETING_SUFFIX = ".deleting"
@@ -111,9 +116,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
         return path
     text = str(path_or_id)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise CheckpointNotFoundError(
-            f"checkpoint folder not found: {path} (expected a folder or a hub id owner/name)"
-        )
+        raise CheckpointNotFoundError(f"checkpoint folder not found: {path} (expected a folder or a hub id owner/name)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 

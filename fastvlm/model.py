@@ -2,7 +2,7 @@
 
 Our state-dict layout: ``vision_tower.*`` (see :mod:`fastvlm.vision.fastvit`),
 ``projector.linear_{1,2}.*``, ``language_model.model.*`` and ``language_model.lm_head.weight``
-(absent when tied). :mod:`fastvlm.checkpoints` maps it to the authors' ``llava_qwen2``
+(absent when tied). :mod:`fastvlm.formats` maps it to the authors' ``llava_qwen2``
 layout and transformers' ``fast_vlm`` layout.
 
 Images enter the sequence at placeholders: either one ``-200`` per image (the authors'
@@ -12,222 +12,30 @@ id repeated once per visual token (transformers' convention).
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import AddedToken
 from torch import nn
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
-from fastvlm.checkpoints import (
-    check_state_dict,
-    infer_tower_config,
-    materialize,
-    model_keys_from_ours,
-    model_keys_to_ours,
-    read_checkpoint_tensors,
-    read_config,
-    resolve_checkpoint,
-    save_safetensors_atomic,
+from fastvlm.config import FastVLMConfig
+from fastvlm.errors import CheckpointError, OutputExistsError
+from fastvlm.files import read_json, resolve_checkpoint
+from fastvlm.formats import (
+    CheckpointFormat,
+    get_format,
+    load_tokenizer,
+    read_checkpoint,
+    vocab_image_token,
+    write_checkpoint,
 )
 from fastvlm.processing import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ImageProcessor, PromptError, pad_sequences
-from fastvlm.vision import FastViT, FastViTConfig
+from fastvlm.state_dicts import check_state_dict, is_batch_counter, materialize
+from fastvlm.vision import FastViT
 
-# Fields of the authors' config.json that describe the multimodal wrapper rather than Qwen2.
-_APPLE_MM_FIELDS = {
-    "mm_hidden_size",
-    "mm_patch_merge_type",
-    "mm_projector_type",
-    "mm_use_im_patch_token",
-    "mm_use_im_start_end",
-    "mm_vision_select_feature",
-    "mm_vision_select_layer",
-    "mm_vision_tower",
-    "image_aspect_ratio",
-    "image_grid_pinpoints",
-    "freeze_mm_mlp_adapter",
-    "tune_mm_mlp_adapter",
-    "unfreeze_mm_vision_tower",
-    "use_mm_proj",
-    "tokenizer_model_max_length",
-    "tokenizer_padding_side",
-    "architectures",
-    "model_type",
-    "transformers_version",
-}
-
-
-@dataclass
-class FastVLMConfig:
-    """Everything needed to rebuild a FastVLM without its weights."""
-
-    text: Qwen2Config
-    vision: FastViTConfig = field(default_factory=FastViTConfig)
-    image_size: int = 1024
-    projector_depth: int = 2
-    # transformers' convention: this token id, repeated once per visual token, marks an image
-    image_token_id: int | None = None
-    image_mode: str = "pad"  # "pad" (authors) or "crop" (transformers' processor)
-    model_max_length: int | None = None
-
-    @property
-    def hidden_size(self) -> int:
-        return self.text.hidden_size
-
-    @property
-    def context_length(self) -> int:
-        limits = [self.text.max_position_embeddings, self.model_max_length]
-        return min(v for v in limits if v)
-
-    def num_image_tokens(self, image_size: int | None = None) -> int:
-        return self.vision.num_tokens(image_size or self.image_size)
-
-    # ------------------------------------------------------------------ (de)serialisation
-    @classmethod
-    def from_checkpoint_config(cls, config: dict, fmt: str, vision: FastViTConfig, folder: Path | None = None):
-        if fmt == "apple":
-            projector = config.get("mm_projector_type", "mlp2x_gelu")
-            text = {k: v for k, v in config.items() if k not in _APPLE_MM_FIELDS}
-            tower_name = str(config.get("mm_vision_tower", "mobileclip_l_1024"))
-            try:
-                image_size = int(tower_name.rsplit("_", 1)[-1])
-            except ValueError:
-                raise ValueError(f"mm_vision_tower {tower_name!r} does not end in the input resolution") from None
-            return cls(
-                text=Qwen2Config(**text),
-                vision=vision,
-                image_size=image_size,
-                projector_depth=_projector_depth(projector),
-                image_mode="pad" if config.get("image_aspect_ratio", "pad") == "pad" else "crop",
-                model_max_length=config.get("tokenizer_model_max_length"),
-            )
-        if fmt == "hf":
-            text = _text_config(config, fmt)
-            if "tie_word_embeddings" in config:  # transformers reads the top-level flag
-                text["tie_word_embeddings"] = config["tie_word_embeddings"]
-            image_size = _hf_image_size(config, vision, folder)
-            return cls(
-                text=Qwen2Config(**text),
-                vision=vision,
-                image_size=image_size,
-                projector_depth=2,
-                image_token_id=config.get("image_token_index"),
-                image_mode="pad",
-            )
-        text = _text_config(config, fmt)
-        return cls(
-            text=Qwen2Config(**text),
-            vision=FastViTConfig.from_dict(_require(config, "vision_config", fmt)),
-            image_size=_require(config, "image_size", fmt),
-            projector_depth=config.get("projector_depth", 2),
-            image_token_id=config.get("image_token_id"),
-            image_mode=config.get("image_mode", "pad"),
-            model_max_length=config.get("model_max_length"),
-        )
-
-    def to_checkpoint_config(self, fmt: str) -> dict:
-        text = self.text.to_dict()
-        for key in ("architectures", "model_type", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
-            text.pop(key, None)
-        if fmt == "apple":
-            return {
-                "architectures": ["LlavaQwen2ForCausalLM"],
-                **text,
-                "model_type": "llava_qwen2",
-                "image_aspect_ratio": "pad" if self.image_mode == "pad" else "square",
-                "mm_hidden_size": self.vision.out_channels,
-                "mm_patch_merge_type": "flat",
-                "mm_projector_type": f"mlp{self.projector_depth}x_gelu",
-                "mm_use_im_patch_token": False,
-                "mm_use_im_start_end": False,
-                "mm_vision_select_feature": "patch",
-                "mm_vision_select_layer": -2,
-                "mm_vision_tower": f"mobileclip_l_{self.image_size}",
-                "tokenizer_model_max_length": self.model_max_length or 8192,
-                "tokenizer_padding_side": "right",
-                "unfreeze_mm_vision_tower": True,
-                "use_mm_proj": True,
-            }
-        if fmt == "hf":
-            if self.projector_depth != 2:
-                raise ValueError("transformers' fast_vlm format supports the 2-layer projector only")
-            if self.image_token_id is None:
-                raise ValueError("transformers' fast_vlm format needs an image token id (image_token_id)")
-            return {
-                "architectures": ["FastVlmForConditionalGeneration"],
-                "model_type": "fast_vlm",
-                "image_seq_length": self.num_image_tokens(),
-                "image_token_index": self.image_token_id,
-                "multimodal_projector_bias": True,
-                "projector_hidden_act": "gelu",
-                "text_config": {**text, "model_type": "qwen2"},
-                "tie_word_embeddings": self.text.tie_word_embeddings,
-                "vision_config": {
-                    "architecture": "fastvit_mci3",
-                    "do_pooling": False,
-                    "hidden_size": self.vision.out_channels,
-                    "model_args": {
-                        "embed_dims": list(self.vision.widths),
-                        "inference_mode": True,
-                        "layers": list(self.vision.depths),
-                    },
-                    "model_type": "timm_wrapper",
-                    "num_classes": 0,
-                },
-                "vision_feature_layer": -1,
-                "vision_feature_select_strategy": "full",
-            }
-        return {
-            "model_type": "fastvlm",
-            "text_config": text,
-            "vision_config": self.vision.to_dict(),
-            "image_size": self.image_size,
-            "projector_depth": self.projector_depth,
-            "image_token_id": self.image_token_id,
-            "image_mode": self.image_mode,
-            "model_max_length": self.model_max_length,
-        }
-
-
-def _require(config: dict, key: str, fmt: str):
-    if key not in config:
-        raise ValueError(f"config.json of this {fmt}-format checkpoint has no {key!r}")
-    return config[key]
-
-
-def _text_config(config: dict, fmt: str) -> dict:
-    """The decoder's fields of a nested ``text_config`` (transformers' and our format), as Qwen2Config kwargs."""
-    text = dict(_require(config, "text_config", fmt))
-    text.pop("model_type", None)
-    return text
-
-
-def _projector_depth(projector_type: str) -> int:
-    import re
-
-    if m := re.fullmatch(r"mlp(\d+)x_gelu", projector_type):
-        return int(m[1])
-    raise ValueError(f"projector type {projector_type!r} is not supported; expected mlpNx_gelu (e.g. mlp2x_gelu)")
-
-
-def _hf_image_size(config: dict, vision: FastViTConfig, folder: Path | None) -> int:
-    processor = folder / "preprocessor_config.json" if folder else None
-    if processor is not None and processor.is_file():
-        crop = json.loads(processor.read_text()).get("crop_size")
-        if isinstance(crop, dict) and "height" in crop:
-            return int(crop["height"])
-    tokens = config.get("image_seq_length")
-    if tokens:
-        side = math.isqrt(int(tokens))
-        return side * vision.stride
-    return 1024
+__all__ = ["FastVLM", "FastVLMConfig", "MultiModalProjector"]
 
 
 class MultiModalProjector(nn.Module):
@@ -441,46 +249,34 @@ class FastVLM(nn.Module):
         the tower to its fused inference form; pass ``fuse=False`` to train.
         """
         folder = resolve_checkpoint(path_or_hub_id)
-        raw_config, fmt = read_config(folder)
-        tensors = read_checkpoint_tensors(folder)
-        names = model_keys_to_ours(tensors, fmt)
-        ours = {names[k]: v for k, v in tensors.items()}
-        tower_tensors = {k[len("vision_tower.") :]: v for k, v in ours.items() if k.startswith("vision_tower.")}
-        if not tower_tensors:
-            raise ValueError(f"{folder}: the checkpoint holds no vision-tower tensors")
-        # The unused CLIP head (head.proj) is kept when present, so that checkpoints round-trip.
-        vision = infer_tower_config(tower_tensors, keep_head=True)
-        config = FastVLMConfig.from_checkpoint_config(raw_config, fmt, vision, folder)
+        checkpoint = read_checkpoint(folder)
+        config, ours = checkpoint.config, checkpoint.tensors
         if image_mode is not None:
             config.image_mode = image_mode
         with torch.device("meta"):
             model = cls(config)
         expected = model.state_dict()
         tied = config.text.tie_word_embeddings
-        original = {v: k for k, v in names.items()}
-
-        def name_in_checkpoint(key: str) -> str:
-            return original.get(key) or model_keys_from_ours([key], fmt, vision)[key]
-
+        lm_head = "language_model.lm_head.weight"
         check_state_dict(
             expected,
             ours,
-            name_in_checkpoint,
-            what=f"{folder} ({fmt} format) does not fit the model its config describes",
-            optional=lambda key: key.endswith("num_batches_tracked") or (tied and key.endswith("lm_head.weight")),
+            checkpoint.name_of,
+            what=f"{folder} ({checkpoint.format.name} format) does not fit the model its config describes",
+            optional=lambda key: is_batch_counter(key) or (tied and key.endswith("lm_head.weight")),
         )
         if tied:
-            ours.pop("language_model.lm_head.weight", None)
-            expected = {k: v for k, v in expected.items() if k != "language_model.lm_head.weight"}
+            ours.pop(lm_head, None)
+            expected = {k: v for k, v in expected.items() if k != lm_head}
         model.load_state_dict(materialize(expected, ours, device=device, dtype=dtype), strict=False, assign=True)
         model._finish_loading(device)
-        model.tokenizer = _load_tokenizer(folder)
+        model.tokenizer = load_tokenizer(folder)
         if config.image_token_id is None:  # the authors' checkpoints: use the tokenizer's <image>, if it has one
-            config.image_token_id = _vocab_image_token(model.tokenizer, config.text.vocab_size)
+            config.image_token_id = vocab_image_token(model.tokenizer, config.text.vocab_size)
         model.source_path = folder
         generation_config = folder / "generation_config.json"
         if generation_config.is_file():
-            model.generation_eos_token_id = json.loads(generation_config.read_text()).get("eos_token_id")
+            model.generation_eos_token_id = read_json(generation_config).get("eos_token_id")
         if fuse:
             model.vision_tower.fuse()
         return model.eval()
@@ -505,7 +301,7 @@ class FastVLM(nn.Module):
     def save_pretrained(
         self,
         directory: str | os.PathLike,
-        format: str = "fastvlm",
+        format: str | CheckpointFormat = CheckpointFormat.NATIVE,
         *,
         overwrite: bool = False,
         state_dict: dict[str, torch.Tensor] | None = None,
@@ -519,141 +315,14 @@ class FastVLM(nn.Module):
         folder is touched. ``state_dict`` (our layout) replaces the module's own tensors:
         the trainer passes weights gathered from sharded or adapter-carrying models.
         """
-        if format not in ("fastvlm", "apple", "hf"):
-            raise ValueError(f"unknown format {format!r}; expected fastvlm, apple or hf")
+        fmt = get_format(format)
         if state_dict is None and getattr(self.vision_tower, "is_fused", False):
-            raise ValueError(
+            raise CheckpointError(
                 "this model's vision tower is fused for inference and no longer has checkpoint tensors; "
                 "load it with fuse=False to save or convert it"
             )
         directory = Path(directory).resolve()
         if directory.exists() and (not directory.is_dir() or (any(directory.iterdir()) and not overwrite)):
-            raise FileExistsError(f"{directory} exists and is not an empty folder; pass overwrite=True (--overwrite)")
-        config, tokenizer = self.config, self.tokenizer
+            raise OutputExistsError(f"{directory} exists and is not an empty folder; pass overwrite=True (--overwrite)")
         state = dict(self.state_dict() if state_dict is None else state_dict)
-        if format == "hf" and config.image_token_id is None:
-            config, tokenizer, state = self._add_image_token(state)
-        if config.text.tie_word_embeddings:
-            state.pop("language_model.lm_head.weight", None)
-        if format == "hf":  # transformers' format has no place for the unused CLIP head (its converter drops it)
-            state.pop("vision_tower.head.proj", None)
-        names = model_keys_from_ours(state, format, config.vision)
-        tensors = {names[k]: v for k, v in state.items()}
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging.", dir=directory.parent))
-        try:
-            save_safetensors_atomic(tensors, staging / "model.safetensors", metadata={"format": "pt"})
-            (staging / "config.json").write_text(json.dumps(config.to_checkpoint_config(format), indent=2) + "\n")
-            if tokenizer is not None:
-                tokenizer.save_pretrained(staging)
-            if not directory.exists():
-                staging.rename(directory)
-                return directory
-            for stale in _weight_files(directory):
-                stale.unlink()
-            for item in staging.iterdir():
-                os.replace(item, directory / item.name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return directory
-
-    def _add_image_token(self, state: dict[str, torch.Tensor]):
-        """(config, tokenizer, state) with an ``<image>`` token, as transformers' format needs.
-
-        Uses the tokenizer's ``<image>`` when it has one; otherwise (the released authors'
-        checkpoints) adds it to a copy of the tokenizer, as transformers' converter does,
-        growing the embedding rows (new rows zero: the image token's embedding is never
-        read, image features replace it) only when the id falls outside the vocabulary.
-        """
-        import copy
-
-        if self.tokenizer is None:
-            raise ValueError("converting to transformers' format needs the checkpoint's tokenizer (none was found)")
-        tokenizer = self.tokenizer
-        token_id = _vocab_image_token(tokenizer, self.config.text.vocab_size)
-        text = self.config.text
-        if token_id is None:
-            tokenizer = copy.deepcopy(tokenizer)
-            tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-            token_id = tokenizer.convert_tokens_to_ids("<image>")
-            if token_id >= text.vocab_size:
-                new_vocab = -(-(token_id + 1) // 64) * 64  # transformers' converter pads to a multiple of 64
-                state = dict(state)
-                for key in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
-                    if key in state:
-                        old = state[key]
-                        state[key] = torch.cat([old, old.new_zeros(new_vocab - old.shape[0], old.shape[1])])
-                text = Qwen2Config(**{**text.to_dict(), "vocab_size": new_vocab})
-        config = FastVLMConfig(**{**self.config.__dict__, "text": text, "image_token_id": token_id})
-        return config, tokenizer, state
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    patterns = (
-        "model*.safetensors",
-        "model.safetensors.index.json",
-        "pytorch_model*.bin",
-        "pytorch_model.bin.index.json",
-    )
-    return [p for pattern in patterns for p in folder.glob(pattern)]
-
-
-def _vocab_image_token(tokenizer, vocab_size: int) -> int | None:
-    """Id of the tokenizer's ``<image>`` token when it exists and has an embedding row, else None."""
-    if tokenizer is None:
-        return None
-    token_id = tokenizer.convert_tokens_to_ids("<image>")
-    if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id or not 0 <= token_id < vocab_size:
-        return None
-    return token_id
-
-
-def _load_tokenizer(folder: Path):
-    has_tokenizer = any((folder / name).exists() for name in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
-    if not has_tokenizer:
-        return None
-    # AutoTokenizer reads config.json too and warns that llava_qwen2 is not a type it knows: expected here.
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    finally:
-        hf_logging.set_verbosity(level)
-
-
-# Decoders of the released FastVLM checkpoints (Qwen2 configurations as published).
-_QWEN2_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                 "intermediate_size", "vocab_size", "tie_word_embeddings")  # fmt: skip
-QWEN2_PRESETS = {
-    size: dict(zip(_QWEN2_FIELDS, values, strict=True))
-    for size, values in {
-        "0.5b": (896, 24, 14, 2, 4864, 151936, True),
-        "1.5b": (1536, 28, 12, 2, 8960, 151936, True),
-        "7b": (3584, 28, 28, 4, 18944, 152064, False),
-    }.items()
-}
-
-
-def qwen2_config(size: str) -> Qwen2Config:
-    """The published Qwen2 decoder of a FastVLM size ("0.5b", "1.5b" or "7b")."""
-    if size not in QWEN2_PRESETS:
-        raise ValueError(f"unknown LLM size {size!r}; expected one of {sorted(QWEN2_PRESETS)}")
-    return Qwen2Config(
-        **QWEN2_PRESETS[size],
-        hidden_act="silu",
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-6,
-        rope_theta=1e6,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        use_sliding_window=False,
-    )
-
-
-def fastvlm_config(llm: str = "0.5b", *, image_size: int = 1024, clip_head: bool = False) -> FastVLMConfig:
-    """The architecture of a released FastVLM (FastViTHD + the named Qwen2 size), for random-weight use."""
-    text = qwen2_config(llm)
-    vision = FastViTConfig(projection_dim=768 if clip_head else None)
-    return FastVLMConfig(text=text, vision=vision, image_size=image_size, model_max_length=8192)
+        return write_checkpoint(directory, fmt, self.config, self.tokenizer, state)

@@ -6,13 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastvlm.checkpoints import (
+from fastvlm.vision import FastViTConfig, FastViTHD
+from fastvlm.vision.layouts import (
     TOWER_PREFIXES,
     convert_tower_state_dict,
     detect_tower_layout,
     extract_tower_state_dict,
 )
-from fastvlm.vision import FastViTConfig, FastViTHD
 from tests.conftest import fixture_path
 
 LAYOUTS = ["fastvlm", "apple", "timm"]
@@ -181,8 +181,13 @@ def test_block_groups_without_a_patch_embedding_between_them_are_rejected():
 
 
 def test_odd_mlp_widths_load_exactly():
-    config = FastViTConfig(depths=(1, 1), widths=(32, 64), token_mixers=("repmixer", "attention"),
-                           pos_embeds=(False, False), mlp_ratios=(15 / 11 * 1.0, 3.0))  # fmt: skip
+    config = FastViTConfig(
+        depths=(1, 1),
+        widths=(32, 64),
+        token_mixers=("repmixer", "attention"),
+        pos_embeds=(False, False),
+        mlp_ratios=(15 / 11 * 1.0, 3.0),
+    )
     tower = FastViTHD(config)
     hidden = tower.stages[0].blocks[0].mlp.fc1.out_channels
     assert hidden == round(32 * 15 / 11)

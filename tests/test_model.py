@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastvlm.checkpoints import model_keys_from_ours
-from fastvlm.model import FastVLM, fastvlm_config
+from fastvlm.formats import get_format
+from fastvlm.model import FastVLM
+from fastvlm.presets import fastvlm_config
 from tests.conftest import assert_close_to_reference, fixture_path
 
 FOLDERS = ["apple_fastvlm_tiny", "hf_fastvlm_tiny"]
@@ -142,7 +143,7 @@ def test_released_0_5b_key_set_on_meta():
         model = FastVLM(config)
     state = model.state_dict()
     state.pop("language_model.lm_head.weight")  # tied to the embeddings: not stored
-    ours = set(model_keys_from_ours(state, "apple", config.vision).values())
+    ours = set(get_format("apple").keys_from_ours(state, config.vision).values())
     tower = json.loads(fixture_path("fastvithd_full_keys.json").read_text())["keys"]
     layer = [
         "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",

@@ -2,12 +2,15 @@
 
 One frozen dataclass holds every number that changes the set of tensors or the
 computation, so that a tower can be rebuilt from its config alone and a config can be
-inferred back from a state dict (see :func:`fastvlm.checkpoints.infer_tower_config`).
+inferred back from a state dict (see :func:`fastvlm.vision.layouts.infer_tower_config`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
+
+from fastvlm.errors import ConfigError
 
 TOKEN_MIXERS = ("repmixer", "attention")
 
@@ -51,14 +54,14 @@ class FastViTConfig:
             object.__setattr__(self, "se_downsamples", (False,) * n)
         for name in ("widths", "token_mixers", "pos_embeds", "mlp_ratios", "se_downsamples"):
             if len(getattr(self, name)) != n:
-                raise ValueError(
+                raise ConfigError(
                     f"FastViTConfig.{name} has {len(getattr(self, name))} entries, expected one per stage ({n})"
                 )
         bad = [m for m in self.token_mixers if m not in TOKEN_MIXERS]
         if bad:
-            raise ValueError(f"unknown token mixer(s) {bad}; expected one of {TOKEN_MIXERS}")
+            raise ConfigError(f"unknown token mixer(s) {bad}; expected one of {TOKEN_MIXERS}")
         if self.pos_embeds[0]:
-            raise ValueError("a positional encoding before stage 0 is not supported")
+            raise ConfigError("a positional encoding before stage 0 is not supported")
         kernels = {
             "repmixer_kernel": self.repmixer_kernel,
             "pos_embed_kernel": self.pos_embed_kernel,
@@ -67,14 +70,14 @@ class FastViTConfig:
         }
         even = [f"{name}={k}" for name, k in kernels.items() if k < 1 or k % 2 == 0]
         if even:
-            raise ValueError(f"kernel sizes must be odd and positive: {', '.join(even)}")
+            raise ConfigError(f"kernel sizes must be odd and positive: {', '.join(even)}")
         if self.down_small_kernel > self.down_kernel:
-            raise ValueError(
+            raise ConfigError(
                 f"down_small_kernel ({self.down_small_kernel}) must not exceed down_kernel ({self.down_kernel})"
             )
         for width, mixer in zip(self.widths, self.token_mixers, strict=True):
             if mixer == "attention" and width % self.head_dim:
-                raise ValueError(f"attention stage width {width} is not a multiple of head_dim {self.head_dim}")
+                raise ConfigError(f"attention stage width {width} is not a multiple of head_dim {self.head_dim}")
 
     @property
     def stride(self) -> int:
@@ -91,30 +94,35 @@ class FastViTConfig:
         side = image_size // self.stride
         return side * side
 
-    def replace(self, **changes) -> FastViTConfig:
-        values = asdict(self)
-        values.update(changes)
-        return FastViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    def replace(self, **changes: Any) -> FastViTConfig:
+        """A copy with ``changes`` applied (lists are taken as tuples)."""
+        return FastViTConfig(**_tuples({**asdict(self), **changes}))
 
     def to_dict(self) -> dict:
+        """The fields as JSON-ready values (tuples as lists)."""
         values = asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
     @classmethod
     def from_dict(cls, values: dict) -> FastViTConfig:
+        """The config that :meth:`to_dict` wrote; unknown fields are an error."""
         known = set(cls.__dataclass_fields__)
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"unknown FastViTConfig field(s): {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+            raise ConfigError(f"unknown FastViTConfig field(s): {sorted(unknown)}")
+        return cls(**_tuples(values))
 
 
-def fastvithd_config(**overrides) -> FastViTConfig:
+def _tuples(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def fastvithd_config(**overrides: Any) -> FastViTConfig:
     """FastViTHD as in the paper and the released FastVLM checkpoints (``mobileclip_l``)."""
     return FastViTConfig(**overrides)
 
 
-def mci2_config(**overrides) -> FastViTConfig:
+def mci2_config(**overrides: Any) -> FastViTConfig:
     """FastViT MCi2, MobileCLIP-S2's image tower: the paper's "FastViT" baseline (35.7M with its head)."""
     values = dict(
         depths=(4, 12, 24, 4),

@@ -1,7 +1,7 @@
 """FastViT vision tower, with FastViTHD (the FastVLM encoder) as its preset.
 
-Module tree (our state-dict layout; see :mod:`fastvlm.checkpoints` for the authors' and
-timm's names of the same tensors)::
+Module tree (our state-dict layout; see :mod:`fastvlm.vision.layouts` for the authors'
+and timm's names of the same tensors)::
 
     stem.{0,1,2}                   3x3 s2 conv, 3x3 s2 depthwise, 1x1 (MobileOne, GELU)
     stages.{s}.downsample          PatchEmbed (s >= 1): .spatial 7x7 s2 dw, .pointwise 1x1
@@ -16,7 +16,9 @@ timm's names of the same tensors)::
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +33,7 @@ from fastvlm.vision.layers import (
     RepCPE,
     RepMixerBlock,
 )
+from fastvlm.vision.loading import load_tower_state_dict
 
 
 class CLIPImageHead(nn.Module):
@@ -216,7 +219,7 @@ class FastViT(nn.Module):
     @classmethod
     def from_state_dict(
         cls,
-        state_dict: dict[str, torch.Tensor] | str | os.PathLike,
+        state_dict: Mapping[str, torch.Tensor] | str | os.PathLike,
         *,
         config: FastViTConfig | None = None,
         device: torch.device | str | None = None,
@@ -231,14 +234,13 @@ class FastViT(nn.Module):
         from the tensors unless ``config`` is given. The unused CLIP head ``head.proj``
         is dropped unless ``config.projection_dim`` asks for it. Floating tensors are cast
         to ``dtype`` (None keeps the checkpoint's). Missing, unexpected or mis-shaped
-        tensors raise a ``ValueError`` that names them.
+        tensors raise a :class:`~fastvlm.errors.CheckpointError` (a ``ValueError``) that
+        names them.
         """
-        from fastvlm.checkpoints import load_tower_state_dict
-
         return load_tower_state_dict(cls, state_dict, config=config, device=device, dtype=dtype)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> FastViT:
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> FastViT:
         """Alias of :meth:`from_state_dict` for a file path."""
         return cls.from_state_dict(Path(path), **kwargs)
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastvlm.checkpoints import convert_tower_state_dict
 from fastvlm.vision import FastViTHD, fastvithd_config
+from fastvlm.vision.layouts import convert_tower_state_dict
 from tests.conftest import assert_close_to_reference, fixture_path
 
 
