@@ -3,27 +3,44 @@
 TTFT = vision encoding (tower + projector) + LLM prefill (+ picking the first token);
 then each decode step feeds one token per sequence through the cache. Batches are
 left-padded with explicit position ids, so a batch gives the same tokens as its rows
-one by one.
+one by one. The decoder's inputs come from :meth:`fastvlm.model.FastVLM.prepare_inputs`,
+the same function forward and the training loss use.
+
+The KV cache is passed to transformers' decoder under the name its ``forward`` takes:
+``cache`` from transformers 5.24 (which deprecates ``past_key_values``, to be removed
+in 5.40), ``past_key_values`` before. The name is read from the signature once per
+decoder class.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 
+from fastvlm.errors import CheckpointError
 from fastvlm.processing import (
     DEFAULT_IMAGE_TOKEN,
+    TURN_END,
     Conversation,
     ImageInput,
     PromptError,
     build_prompt,
+    is_templated,
     pad_sequences,
     tokenize_prompt,
 )
+
+if TYPE_CHECKING:  # model.py imports this module lazily; the model types are for annotations only
+    from transformers import PreTrainedTokenizerBase
+
+    from fastvlm.model import FastVLM, ModelInputs
 
 
 @dataclass
@@ -37,7 +54,7 @@ class Timings:
     prompt_tokens: int = 0
     new_tokens: int = 0
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
 
 
@@ -54,26 +71,53 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _select(logits: torch.Tensor, temperature: float, top_p: float | None, generator) -> torch.Tensor:
+_CACHE_ARGUMENTS: dict[type[nn.Module], str] = {}  # decoder class -> its cache argument, read once
+
+
+def cache_argument(decoder: nn.Module) -> str:
+    """The name under which ``decoder.forward`` takes the KV cache (``cache`` or ``past_key_values``)."""
+    decoder_class = type(decoder)
+    if decoder_class not in _CACHE_ARGUMENTS:
+        parameters = inspect.signature(decoder_class.forward).parameters  # follows the decorators' __wrapped__
+        _CACHE_ARGUMENTS[decoder_class] = "cache" if "cache" in parameters else "past_key_values"
+    return _CACHE_ARGUMENTS[decoder_class]
+
+
+def _decoder_step(model: FastVLM, cache: DynamicCache, **inputs: Any) -> torch.Tensor:
+    """Run the decoder with the KV cache; the logits of each row's last position [B, V]."""
+    lm = model.language_model
+    out = lm(**inputs, use_cache=True, **{cache_argument(lm): cache})
+    return out.logits[:, -1]
+
+
+@dataclass
+class _Sampler:
     """Next token per row: argmax when temperature is 0, else nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p is not None and 0 < top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely token
-        sorted_probs = sorted_probs * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    temperature: float
+    top_p: float | None
+    generator: torch.Generator | None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature <= 0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if self.top_p is not None and 0 < self.top_p < 1:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            keep = sorted_probs.cumsum(-1) - sorted_probs < self.top_p  # always keeps the most likely token
+            sorted_probs = sorted_probs * keep
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
 
 
-def stop_token_ids(model) -> set[int]:
-    ids = set()
+def stop_token_ids(model: FastVLM) -> set[int]:
+    """Token ids that end an answer: the config's and generation config's EOS, and the end of turn."""
+    ids: set[int] = set()
     for eos in (model.config.text.eos_token_id, getattr(model, "generation_eos_token_id", None)):
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     tok = model.tokenizer
     if tok is not None:
-        end = tok.convert_tokens_to_ids("<|im_end|>")
+        end = tok.convert_tokens_to_ids(TURN_END)
         if isinstance(end, int) and end != tok.unk_token_id:
             ids.add(end)
         if tok.eos_token_id is not None:
@@ -81,9 +125,21 @@ def stop_token_ids(model) -> set[int]:
     return ids
 
 
+def _room_in_context(model: FastVLM, inputs: ModelInputs, max_new_tokens: int) -> int:
+    """``max_new_tokens``, capped so that prompt + answer fit in the context; a PromptError if the prompt does not."""
+    prompt_len = inputs.input_ids.shape[1]
+    context = model.config.context_length
+    if prompt_len > context:
+        raise PromptError(
+            f"the prompt is {prompt_len} tokens long ({inputs.tokens_per_image} per image included) but the "
+            f"model's context holds {context}; shorten the prompt"
+        )
+    return min(max_new_tokens, context - prompt_len)
+
+
 @torch.inference_mode()
 def generate_tokens(
-    model,
+    model: FastVLM,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
@@ -98,8 +154,9 @@ def generate_tokens(
 ) -> Iterator[tuple[torch.Tensor, Timings]]:
     """Yield the next token of every row ([B]) and the timings so far, step by step.
 
-    ``input_ids`` use either image-marker convention (see :class:`fastvlm.model.FastVLM`);
-    rows may be left-padded (``attention_mask``). Finished rows keep yielding ``pad_token_id``.
+    ``input_ids`` [B, L] use either image-marker convention (see :class:`fastvlm.model.FastVLM`);
+    rows may be left-padded (``attention_mask``). Images come as ``pixel_values`` [N, 3, S, S]
+    or ``image_features`` [N, T, H]. Finished rows keep yielding ``pad_token_id``.
     """
     device = model.device
     timings = Timings()
@@ -108,46 +165,59 @@ def generate_tokens(
         image_features = model.encode_images(pixel_values)
         _sync(device)
         timings.vision_ms = (time.perf_counter() - start) * 1e3
-    n_tokens = image_features.shape[1] if image_features is not None else model.config.num_image_tokens()
-    ids, mask, _ = model.expand_image_markers(
-        input_ids.to(device),
-        None if attention_mask is None else attention_mask.to(device),
-        n_tokens,
-        pad_token_id=pad_token_id,
-        padding_side="left",
-    )
-    prompt_len = ids.shape[1]
-    context = model.config.context_length
-    if prompt_len > context:
-        raise PromptError(
-            f"the prompt is {prompt_len} tokens long ({n_tokens} per image included) but the model's context "
-            f"holds {context}; shorten the prompt"
-        )
-    max_new_tokens = min(max_new_tokens, context - prompt_len)
-    timings.visual_tokens = int(model.image_positions(ids).sum())
-    timings.prompt_tokens = int(mask.sum(-1).max())
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    stop = torch.tensor(sorted(stop_ids or []), device=device, dtype=torch.long)
-
     prefill_start = time.perf_counter()
-    embeds = model.embed(ids, image_features)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = model.prepare_inputs(
+        input_ids, attention_mask, image_features=image_features, padding_side="left", pad_token_id=pad_token_id
+    )
+    max_new_tokens = _room_in_context(model, inputs, max_new_tokens)
+    timings.visual_tokens = int(model.image_positions(inputs.input_ids).sum())
+    timings.prompt_tokens = int(inputs.attention_mask.sum(-1).max())
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    sample = _Sampler(temperature, top_p, generator)
     cache = DynamicCache()
-    out = model.language_model(
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=True,
+    logits = _decoder_step(
+        model,
+        cache,
+        inputs_embeds=inputs.inputs_embeds,
+        attention_mask=inputs.attention_mask,
+        position_ids=inputs.position_ids,
         logits_to_keep=1,
     )
-    token = _select(out.logits[:, -1], temperature, top_p, generator)
+    token = sample(logits)
     _sync(device)
     now = time.perf_counter()
     timings.prefill_ms = (now - prefill_start) * 1e3
     timings.ttft_ms = (now - start) * 1e3  # from encoded pixels; image decoding/resizing is not included
+    stop = torch.tensor(sorted(stop_ids or []), device=device, dtype=torch.long)
+    yield from _decode(
+        model,
+        cache,
+        token,
+        inputs,
+        sample=sample,
+        stop=stop,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_token_id,
+        timings=timings,
+    )
+
+
+def _decode(
+    model: FastVLM,
+    cache: DynamicCache,
+    token: torch.Tensor,
+    inputs: ModelInputs,
+    *,
+    sample: _Sampler,
+    stop: torch.Tensor,
+    max_new_tokens: int,
+    pad_token_id: int,
+    timings: Timings,
+) -> Iterator[tuple[torch.Tensor, Timings]]:
+    """The decode loop after the prefill picked ``token`` [B]: one token per row per step."""
+    mask = inputs.attention_mask  # [B, L], grows by one column per step
+    next_pos = inputs.position_ids[:, -1:] + 1  # [B, 1]
     finished = torch.zeros_like(token, dtype=torch.bool)
-    next_pos = position_ids[:, -1:] + 1
     decoded = 0  # tokens produced by decode steps for rows still generating
     for step in range(max_new_tokens):
         token = token.masked_fill(finished, pad_token_id)
@@ -158,16 +228,10 @@ def generate_tokens(
             break
         step_start = time.perf_counter()  # the caller's time between tokens is not decode time
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        out = model.language_model(
-            input_ids=token[:, None],
-            attention_mask=mask,
-            position_ids=next_pos,
-            past_key_values=cache,
-            use_cache=True,
-        )
+        logits = _decoder_step(model, cache, input_ids=token[:, None], attention_mask=mask, position_ids=next_pos)
         next_pos = next_pos + 1
-        token = _select(out.logits[:, -1], temperature, top_p, generator)
-        _sync(device)
+        token = sample(logits)
+        _sync(model.device)
         timings.decode_ms += (time.perf_counter() - step_start) * 1e3
         decoded += int((~finished).sum())
         timings.decode_tokens_per_s = decoded / max(timings.decode_ms / 1e3, 1e-9)
@@ -176,17 +240,17 @@ def generate_tokens(
 # ---------------------------------------------------------------------------------- text API
 
 
-def _as_list(value, n: int) -> list:
+def _as_list(value: ImageInput | Sequence[ImageInput | None] | None, n: int) -> list[ImageInput | None]:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise ValueError(f"got {n} prompts but {len(value)} images; pass one image (or None) per prompt")
+            raise PromptError(f"got {n} prompts but {len(value)} images; pass one image (or None) per prompt")
         return list(value)
-    return [value] * n
+    return [cast("ImageInput | None", value)] * n  # one image (or None) for every prompt
 
 
 def prepare_prompt(prompt: str, has_image: bool) -> str:
     """Wrap a bare question in the chat template; check the placeholders against the images."""
-    if "<|im_start|>" not in prompt:
+    if not is_templated(prompt):
         prompt = build_prompt(prompt, with_image=has_image)
     n = prompt.count(DEFAULT_IMAGE_TOKEN)
     if n != int(has_image):
@@ -197,24 +261,33 @@ def prepare_prompt(prompt: str, has_image: bool) -> str:
     return prompt
 
 
-def _tokenize_batch(model, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _tokenizer(model: FastVLM) -> PreTrainedTokenizerBase:
+    if model.tokenizer is None:
+        raise CheckpointError("this model has no tokenizer (the checkpoint folder had none); pass token ids instead")
+    return model.tokenizer
+
+
+def _detokenize(tok: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    return cast(str, tok.decode(ids, skip_special_tokens=True))  # a str for a list of ids
+
+
+def _tokenize_batch(model: FastVLM, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Left-padded ids and mask of the prompts, and the pad id used."""
-    tok = model.tokenizer
-    if tok is None:
-        raise ValueError("this model has no tokenizer (the checkpoint folder had none); pass token ids instead")
+    tok = _tokenizer(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return *pad_sequences([tokenize_prompt(tok, p) for p in prompts], pad, "left"), pad
+    ids, mask = pad_sequences([tokenize_prompt(tok, p) for p in prompts], pad, "left")
+    return ids, mask, pad
 
 
 class TextStream:
     """Iterator of decoded text pieces; ``.result`` holds the whole answer once exhausted."""
 
-    def __init__(self, model, steps: Iterator[tuple[torch.Tensor, Timings]], stop_ids: set[int]) -> None:
+    def __init__(self, model: FastVLM, steps: Iterator[tuple[torch.Tensor, Timings]], stop_ids: set[int]) -> None:
         self.model, self.steps, self.stop_ids = model, steps, stop_ids
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
-        tok = self.model.tokenizer
+        tok = _tokenizer(self.model)
         ids: list[int] = []
         emitted = ""
         timings = Timings()
@@ -226,18 +299,41 @@ class TextStream:
                 finish = "stop"
                 break
             ids.append(t)
-            text = tok.decode(ids, skip_special_tokens=True)
+            text = _detokenize(tok, ids)
             if not text.endswith("\ufffd"):  # hold back an incomplete UTF-8 sequence
                 yield text[len(emitted) :]
                 emitted = text
-        text = tok.decode(ids, skip_special_tokens=True)
+        text = _detokenize(tok, ids)
         if len(text) > len(emitted):
             yield text[len(emitted) :]
         self.result = GenerationResult(text=text, token_ids=ids, timings=timings, finish_reason=finish)
 
 
+def _collect(
+    model: FastVLM, steps: Iterator[tuple[torch.Tensor, Timings]], n: int, stops: set[int]
+) -> list[GenerationResult]:
+    """Run the steps to the end: each row's tokens up to its first stop token."""
+    rows: list[list[int]] = [[] for _ in range(n)]
+    finish = ["length"] * n
+    timings = Timings()
+    for token, step_timings in steps:
+        timings = step_timings
+        for i, t in enumerate(token.tolist()):
+            if finish[i] == "stop":
+                continue
+            if t in stops:
+                finish[i] = "stop"
+            else:
+                rows[i].append(t)
+    tok = _tokenizer(model)
+    return [
+        GenerationResult(text=_detokenize(tok, r), token_ids=r, timings=timings, finish_reason=f)
+        for r, f in zip(rows, finish, strict=True)
+    ]
+
+
 def generate(
-    model,
+    model: FastVLM,
     image: ImageInput | Sequence[ImageInput | None] | None = None,
     prompt: str | Sequence[str] | None = None,
     *,
@@ -247,25 +343,32 @@ def generate(
     stream: bool = False,
     seed: int | None = None,
     image_features: torch.Tensor | None = None,
-):
+    pixel_values: torch.Tensor | None = None,
+) -> GenerationResult | list[GenerationResult] | TextStream:
     """Answer ``prompt`` about ``image``.
 
     ``prompt`` is a question (wrapped in the qwen_2 chat template with the image first)
     or an already templated prompt with ``<image>`` where the image goes. ``image`` is a
-    path, PIL image, array or tensor. Lists of prompts (and one image per prompt) run as
-    one left-padded batch and return a list of results. Greedy unless ``temperature`` > 0.
-    With ``stream=True`` (one prompt) a :class:`TextStream` is returned.
+    path, PIL image, array or tensor, decoded by the model's image processor. Lists of
+    prompts (and one image per prompt) run as one left-padded batch and return a list of
+    results. Greedy unless ``temperature`` > 0. With ``stream=True`` (one prompt) a
+    :class:`TextStream` is returned. Instead of ``image``, every prompt's image may be
+    given as ``pixel_values`` [N, 3, S, S] (e.g. ``model.image_processor.preprocess(img)[None]``
+    for an image :func:`fastvlm.processing.load_image` already decoded) or as projected
+    ``image_features`` [N, T, H].
     """
     if prompt is None:
-        raise ValueError("generate() needs a prompt")
+        raise PromptError("generate() needs a prompt")
+    if stream and not isinstance(prompt, str):
+        raise PromptError("stream=True takes a single prompt, not a batch")
     batched = not isinstance(prompt, str)
-    prompts = list(prompt) if batched else [prompt]
-    images = _as_list(image, len(prompts)) if batched else [image]
-    has_image = [img is not None for img in images] if image_features is None else [True] * len(prompts)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    images = _as_list(image, len(prompts)) if batched else [cast("ImageInput | None", image)]
+    given = image_features is not None or pixel_values is not None
+    has_image = [True] * len(prompts) if given else [img is not None for img in images]
     texts = [prepare_prompt(p, h) for p, h in zip(prompts, has_image, strict=True)]
     ids, mask, pad = _tokenize_batch(model, texts)
-    pixel_values = None
-    if image_features is None and any(has_image):
+    if not given and any(has_image):
         pixel_values = model.image_processor.batch([img for img in images if img is not None])
     stops = stop_token_ids(model)
     steps = generate_tokens(
@@ -282,37 +385,18 @@ def generate(
         seed=seed,
     )
     if stream:
-        if batched:
-            raise ValueError("stream=True takes a single prompt, not a batch")
         return TextStream(model, steps, stops)
-    rows: list[list[int]] = [[] for _ in prompts]
-    finish = ["length"] * len(prompts)
-    timings = Timings()
-    for token, step_timings in steps:
-        timings = step_timings
-        for i, t in enumerate(token.tolist()):
-            if finish[i] == "stop":
-                continue
-            if t in stops:
-                finish[i] = "stop"
-            else:
-                rows[i].append(t)
-    results = [
-        GenerationResult(
-            text=model.tokenizer.decode(r, skip_special_tokens=True), token_ids=r, timings=timings, finish_reason=f
-        )
-        for r, f in zip(rows, finish, strict=True)
-    ]
+    results = _collect(model, steps, len(prompts), stops)
     return results if batched else results[0]
 
 
 class ChatSession:
     """A conversation about one image whose visual tokens are computed once and reused every turn."""
 
-    def __init__(self, model, image: ImageInput | None = None, *, system: str | None = None) -> None:
+    def __init__(self, model: FastVLM, image: ImageInput | None = None, *, system: str | None = None) -> None:
         self.model = model
         self.conversation = Conversation() if system is None else Conversation(system=system)
-        self.image_features = None
+        self.image_features: torch.Tensor | None = None
         self.vision_ms = 0.0
         if image is not None:
             start = time.perf_counter()
@@ -321,7 +405,7 @@ class ChatSession:
                 self.image_features = model.encode_images(pixels)
             self.vision_ms = (time.perf_counter() - start) * 1e3
 
-    def ask(self, question: str, **kwargs) -> GenerationResult | TextStream:
+    def ask(self, question: str, **kwargs: Any) -> GenerationResult | TextStream:
         """Add a user turn and answer it (kwargs as for :func:`generate`; ``stream=True`` streams)."""
         first = not self.conversation.messages
         if DEFAULT_IMAGE_TOKEN in question:
@@ -336,6 +420,7 @@ class ChatSession:
             raise
         if isinstance(answer, TextStream):
             return _RecordingStream(answer, self)
+        assert isinstance(answer, GenerationResult)  # one prompt, one result
         self.conversation.add("assistant", answer.text)
         return answer
 
@@ -353,4 +438,5 @@ class _RecordingStream(TextStream):
         except BaseException:
             self.session.conversation.messages.pop()  # the failed user turn leaves no trace
             raise
+        assert self.result is not None  # set when the stream is exhausted
         self.session.conversation.add("assistant", self.result.text)

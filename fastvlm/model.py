@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -56,6 +56,38 @@ class MultiModalProjector(nn.Module):
         return x
 
 
+if TYPE_CHECKING:  # generation imports this module; these names are for annotations only
+    from collections.abc import Sequence
+
+    from transformers import PreTrainedTokenizerBase
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from fastvlm.generation import ChatSession, GenerationResult, TextStream
+    from fastvlm.processing import ImageInput
+
+
+@dataclass
+class ModelInputs:
+    """What the decoder reads for a batch: the output of :meth:`FastVLM.prepare_inputs`.
+
+    B is the batch size, L the length after each image marker is expanded to its T
+    visual tokens, H the decoder's hidden size and N the number of images.
+    """
+
+    input_ids: torch.Tensor  # [B, L] ids with the image positions expanded (one per visual token)
+    inputs_embeds: torch.Tensor  # [B, L, H] token embeddings with the visual tokens written in
+    attention_mask: torch.Tensor  # [B, L] 1 for real tokens, 0 for padding
+    position_ids: torch.Tensor  # [B, L] 0, 1, ... over the real tokens of each row (padding: 0)
+    labels: torch.Tensor | None  # [B, L] targets, IGNORE_INDEX at image positions and padding; None without labels
+    image_features: torch.Tensor | None  # [N, T, H] projected visual tokens; None without images
+    tokens_per_image: int  # T
+
+    @property
+    def visual_tokens(self) -> int:
+        """Visual tokens in the whole batch (N x T)."""
+        return 0 if self.image_features is None else self.image_features.shape[0] * self.image_features.shape[1]
+
+
 class FastVLM(nn.Module):
     """Vision tower + projector + Qwen2 decoder, with loading, saving and generation."""
 
@@ -67,7 +99,7 @@ class FastVLM(nn.Module):
         text = config.text
         text._attn_implementation = getattr(text, "_attn_implementation", None) or "sdpa"
         self.language_model = Qwen2ForCausalLM(text)
-        self.tokenizer = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
         self.image_processor = ImageProcessor(config.image_size, config.image_mode)
         self.source_path: Path | None = None
         self.generation_eos_token_id: int | list[int] | None = None  # from generation_config.json
@@ -153,7 +185,7 @@ class FastVLM(nn.Module):
                 f"({0 if image_features is None else image_features.shape[0]} image(s) x {per_image}); "
                 "each image needs exactly one <image> placeholder in the prompt"
             )
-        if n_features:
+        if image_features is not None and n_features:
             embeds = embeds.masked_scatter(positions.unsqueeze(-1), image_features.reshape(-1, embeds.shape[-1]))
         return embeds
 
@@ -166,17 +198,21 @@ class FastVLM(nn.Module):
         image_features: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         **lm_kwargs: Any,
-    ):
+    ) -> CausalLMOutputWithPast:
         """Logits (and loss with ``labels``) for token ids with image placeholders.
 
         ``pixel_values`` [N, 3, S, S] holds the images in the order their placeholders
         appear, row by row; ``image_features`` may be given instead (already projected).
         """
-        embeds, attention_mask, position_ids, labels = self._inputs(
-            input_ids, pixel_values, attention_mask, image_features, labels
+        inputs = self.prepare_inputs(
+            input_ids, attention_mask, pixel_values=pixel_values, image_features=image_features, labels=labels
         )
         return self.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels, **lm_kwargs
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask,
+            position_ids=inputs.position_ids,
+            labels=inputs.labels,
+            **lm_kwargs,
         )
 
     def training_loss(
@@ -193,40 +229,71 @@ class FastVLM(nn.Module):
         processes and accumulation steps. Logits are computed only where there is a
         target: with a 150k vocabulary that is most of the LM head's cost.
         """
-        embeds, attention_mask, position_ids, labels = self._inputs(
-            input_ids, pixel_values, attention_mask, None, labels
-        )
+        inputs = self.prepare_inputs(input_ids, attention_mask, pixel_values=pixel_values, labels=labels)
+        assert inputs.labels is not None  # given labels are expanded, never dropped
         hidden = self.language_model.model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids
-        ).last_hidden_state
-        targets = labels[:, 1:]
+            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids
+        ).last_hidden_state  # [B, L, H]
+        targets = inputs.labels[:, 1:]  # [B, L-1]: position i predicts token i+1
         keep = targets != IGNORE_INDEX
         logits = self.language_model.lm_head(hidden[:, :-1][keep]).float()
         return nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
 
-    def _inputs(self, input_ids, pixel_values, attention_mask, image_features, labels):
-        """(embeddings, attention mask, position ids, labels) with the visual tokens in place."""
+    def prepare_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        padding_side: str | None = None,
+        pad_token_id: int = 0,
+    ) -> ModelInputs:
+        """The decoder's inputs for ids with image placeholders: used by forward, the loss and generation.
+
+        ``input_ids`` [B, L0] use either image convention (see the module docstring);
+        ``attention_mask`` [B, L0] marks padding (None: no padding). The images are
+        ``pixel_values`` [N, 3, S, S], encoded here, or ``image_features`` [N, T, H]
+        (already projected), in the order their placeholders appear, row by row.
+        ``labels`` [B, L0] are optional. After expansion the batch is padded on
+        ``padding_side`` (None: the side the input was padded on) with ``pad_token_id``.
+        Everything returned is on the model's device.
+        """
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
+        if labels is not None:
+            labels = labels.to(self.device)
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values)
         tokens = image_features.shape[1] if image_features is not None else self.config.num_image_tokens()
-        if labels is not None:
-            labels = labels.to(self.device)
-        input_ids, attention_mask, labels = self.expand_image_markers(input_ids, attention_mask, tokens, labels=labels)
-        embeds = self.embed(input_ids, image_features)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return embeds, attention_mask, position_ids, labels
+        ids, mask, labels = self.expand_image_markers(
+            input_ids, attention_mask, tokens, labels=labels, pad_token_id=pad_token_id, padding_side=padding_side
+        )
+        return ModelInputs(
+            input_ids=ids,
+            inputs_embeds=self.embed(ids, image_features),
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            labels=labels,
+            image_features=image_features,
+            tokens_per_image=tokens,
+        )
 
     # ------------------------------------------------------------------ generation
-    def generate(self, image=None, prompt=None, **kwargs):
+    def generate(
+        self,
+        image: ImageInput | Sequence[ImageInput | None] | None = None,
+        prompt: str | Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> GenerationResult | list[GenerationResult] | TextStream:
         """Answer ``prompt`` about ``image``; see :func:`fastvlm.generation.generate`."""
         from fastvlm.generation import generate
 
         return generate(self, image=image, prompt=prompt, **kwargs)
 
-    def chat(self, image=None, **kwargs):
+    def chat(self, image: ImageInput | None = None, **kwargs: Any) -> ChatSession:
         """A multi-turn conversation about ``image`` (its features are computed once)."""
         from fastvlm.generation import ChatSession
 

@@ -6,9 +6,12 @@ the released processor has mean 0 and std 1). transformers' alternative resizes 
 shortest edge and centre-crops. Both read EXIF orientation and accept grayscale,
 RGBA, palette, CMYK and 16-bit images.
 
-Prompts: the ``qwen_2`` ChatML template of the authors' LLaVA fork; tokenised chunk by
-chunk around each ``<image>`` (``tokenizer_image_token``), with one ``-200`` marker per
-image, which the model expands to the image's visual tokens.
+Prompts: the ``qwen_2`` ChatML template of the authors' LLaVA fork, rendered only by
+:meth:`Conversation.segments` (inference prompts and training records alike); tokenised
+chunk by chunk around each ``<image>`` (``tokenizer_image_token``), with one ``-200``
+marker per image, which the model expands to the image's visual tokens.
+
+``ImageError`` and ``PromptError`` live in :mod:`fastvlm.errors` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,26 +21,29 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_TOKEN_INDEX = -200  # the authors' in-sequence image marker
-IGNORE_INDEX = -100
+from fastvlm.errors import ConfigError, ImageError
+from fastvlm.errors import PromptError as PromptError  # re-exported: `from fastvlm.processing import PromptError`
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+IMAGE_TOKEN_INDEX = -200  # the authors' in-sequence image marker (LLaVA's IMAGE_TOKEN_INDEX)
+IGNORE_INDEX = -100  # label of positions without a target (PyTorch's cross-entropy ignore_index)
 DEFAULT_IMAGE_TOKEN = "<image>"
 DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused unless allowed (decompression bombs)
 SYSTEM_PROMPT = "You are a helpful assistant."
+# ChatML turn delimiters of the qwen_2 template
+TURN_START = "<|im_start|>"
+TURN_END = "<|im_end|>"
+ROLES = ("user", "assistant")
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
-
-
-class ImageError(ValueError):
-    """An image that cannot be used: missing, unreadable, truncated, too large or of a bad shape."""
-
-
-class PromptError(ValueError):
-    """A prompt that does not fit the model: placeholders vs images, or longer than the context."""
 
 
 # ------------------------------------------------------------------------------------- images
@@ -58,11 +64,13 @@ def load_image(
     elif isinstance(image, (np.ndarray, torch.Tensor)):
         return _array_to_pil(image)
     else:
+        path: str | Path
+        source: io.BytesIO | Path
         if isinstance(image, (bytes, bytearray)):  # an encoded file held in memory (e.g. a parquet cell)
             path, source = "(encoded bytes)", io.BytesIO(image)
         else:
             path = source = Path(image)
-            if not path.is_file():
+            if not source.is_file():
                 raise ImageError(f"image file not found: {path}")
         pil_limit = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None  # our max_pixels check below replaces PIL's; open() reads the header only
@@ -151,7 +159,9 @@ class ImageProcessor:
     """Image -> float tensor [3, size, size] in [0, 1].
 
     ``mode="pad"`` is the authors' path (pad to square with black, then resize);
-    ``mode="crop"`` is transformers' (shortest-edge resize, centre crop).
+    ``mode="crop"`` is transformers' (shortest-edge resize, centre crop). Calling the
+    processor decodes the image with :func:`load_image`; :meth:`preprocess` takes an image
+    that :func:`load_image` already returned and does not decode or rotate it again.
     """
 
     size: int = 1024
@@ -160,16 +170,20 @@ class ImageProcessor:
 
     def __post_init__(self) -> None:
         if self.mode not in ("pad", "crop"):
-            raise ValueError(f"image mode must be 'pad' or 'crop', got {self.mode!r}")
+            raise ConfigError(f"image mode must be 'pad' or 'crop', got {self.mode!r}")
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
-        img = load_image(image, max_pixels=self.max_pixels)
-        if self.mode == "pad":
-            img = expand_to_square(img)
+        """Decode ``image`` (see :func:`load_image`) and return its pixels [3, size, size]."""
+        return self.preprocess(load_image(image, max_pixels=self.max_pixels))
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """Pixels [3, size, size] of an upright RGB image as :func:`load_image` returns it."""
+        img = expand_to_square(image) if self.mode == "pad" else image
         img = resize_and_center_crop(img, self.size)
         return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
     def batch(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Pixels [N, 3, size, size] of the images, each decoded once."""
         return torch.stack([self(image) for image in images])
 
 
@@ -189,19 +203,37 @@ class Conversation:
     messages: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, role: str, text: str) -> Conversation:
-        if role not in ("user", "assistant"):
-            raise ValueError(f"role must be 'user' or 'assistant', got {role!r}")
+        if role not in ROLES:
+            raise PromptError(f"role must be 'user' or 'assistant', got {role!r}")
         self.messages.append((role, text))
         return self
 
+    def segments(self, add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
+        """The rendered template as (text, is_answer) pieces, in order; they join to :meth:`prompt`.
+
+        ``is_answer`` marks an assistant's reply with its closing ``<|im_end|>``: what a
+        model is trained to produce. Everything else (system, user turns, turn headers
+        and the newline after each turn) is context.
+        """
+        header = f"{TURN_START}assistant\n"
+        pieces = [(f"{TURN_START}system\n{self.system}{TURN_END}\n", False)]
+        for role, text in self.messages:
+            if role == "assistant":
+                pieces += [(header, False), (f"{text}{TURN_END}", True), ("\n", False)]
+            else:
+                pieces.append((f"{TURN_START}{role}\n{text}{TURN_END}\n", False))
+        if add_generation_prompt:
+            pieces.append((header, False))
+        return pieces
+
     def prompt(self, add_generation_prompt: bool = True) -> str:
         """The text the model reads, ending with the assistant's turn header when asked."""
-        parts = [f"<|im_start|>system\n{self.system}<|im_end|>\n"]
-        for role, text in self.messages:
-            parts.append(f"<|im_start|>{role}\n{text}<|im_end|>\n")
-        if add_generation_prompt:
-            parts.append("<|im_start|>assistant\n")
-        return "".join(parts)
+        return "".join(text for text, _ in self.segments(add_generation_prompt))
+
+
+def is_templated(prompt: str) -> bool:
+    """Whether ``prompt`` is already rendered in the chat template (rather than a bare question)."""
+    return TURN_START in prompt
 
 
 def build_prompt(question: str, *, with_image: bool = True, system: str = SYSTEM_PROMPT) -> str:
@@ -212,7 +244,7 @@ def build_prompt(question: str, *, with_image: bool = True, system: str = SYSTEM
     return Conversation(system=system).add("user", text).prompt()
 
 
-def tokenize_prompt(tokenizer, prompt: str) -> list[int]:
+def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """Token ids of ``prompt`` with one ``IMAGE_TOKEN_INDEX`` per ``<image>``, chunk by chunk.
 
     Each text chunk between placeholders is tokenised on its own, as the authors'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -175,3 +176,30 @@ def test_generation_never_runs_past_the_context(model):
 
     steps = list(generate_tokens(model, torch.tensor([prompt_ids]), max_new_tokens=50))
     assert len(steps) == room
+
+
+def test_generation_uses_the_cache_argument_this_transformers_supports(model):
+    """No deprecation warning about past_key_values (transformers 5.24 renamed it to cache, removal in 5.40)."""
+    from fastvlm.generation import cache_argument
+
+    with warnings.catch_warnings():
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("error", message=".*past_key_values", category=category)
+        result = model.generate(image=_image(), prompt="Hello there", max_new_tokens=3)
+    assert len(result.token_ids) == 3
+    assert cache_argument(model.language_model) in ("cache", "past_key_values")
+
+
+def test_pixel_values_from_an_already_loaded_image_give_the_same_answer(model, golden, monkeypatch):
+    """The command line decodes the image once (load_image) and hands the processor the PIL image."""
+    import fastvlm.processing as processing
+
+    image = processing.load_image(_image())
+    from_path = model.generate(image=_image(), prompt=golden["prompt"], max_new_tokens=12)
+    decodes = []
+    original = processing.load_image
+    monkeypatch.setattr(processing, "load_image", lambda *a, **k: decodes.append(1) or original(*a, **k))
+    pixels = model.image_processor.preprocess(image)[None]
+    loaded = model.generate(pixel_values=pixels, prompt=golden["prompt"], max_new_tokens=12)
+    assert decodes == []
+    assert loaded.token_ids == from_path.token_ids == golden["greedy_token_ids"]

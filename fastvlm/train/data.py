@@ -4,9 +4,10 @@ A record is ``{"id": ..., "image": "rel/path.jpg" (optional), "conversations": [
 "value": "<image>\\nWhat is it?"}, {"from": "gpt", "value": "A cat."}, ...]}``. JSON files (a list)
 and JSONL files (one record per line, read lazily so large files stream) are accepted.
 
-Tokenisation follows the inference prompt exactly (qwen_2 template, chunk-wise around
-``<image>``). Labels are ``IGNORE_INDEX`` everywhere except the assistant's answers and their
-closing ``<|im_end|>`` (so the model learns to stop). Sequences longer than ``max_length``
+Tokenisation follows the inference prompt exactly: the same template rendering
+(:meth:`fastvlm.processing.Conversation.segments`), chunk-wise around ``<image>``. Labels
+are ``IGNORE_INDEX`` everywhere except the assistant's answers and their closing
+``<|im_end|>`` (so the model learns to stop). Sequences longer than ``max_length``
 are cut at the end, turn content first; a cut that would split off or pass the image's
 visual tokens rejects the record instead.
 """
@@ -17,20 +18,30 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, overload
 
+from fastvlm.errors import DataError
 from fastvlm.processing import (
     DEFAULT_IMAGE_TOKEN,
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
     SYSTEM_PROMPT,
+    Conversation,
     tokenize_prompt,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
-class RecordError(ValueError):
+class RecordError(DataError):
     """A training record that cannot be used; the message names it (file, line, id) and the reason."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A data file that does not exist (still a ``FileNotFoundError`` for existing callers)."""
 
 
 @dataclass
@@ -113,10 +124,39 @@ def _raw_records(path: Path) -> Iterator[tuple[str, int, object | None, str | No
         yield f"{path.name}[{index}]", index, raw, None
 
 
+@overload
 def iter_records(
-    path: str | Path, *, image_root: str | Path | None = None, strict: bool = False,
-    report: ReadReport | None = None, check_image: bool = True, with_offsets: bool = False,
-) -> Iterator[Record]:  # fmt: skip
+    path: str | Path,
+    *,
+    image_root: str | Path | None = None,
+    strict: bool = False,
+    report: ReadReport | None = None,
+    check_image: bool = True,
+    with_offsets: Literal[False] = False,
+) -> Iterator[Record]: ...
+
+
+@overload
+def iter_records(
+    path: str | Path,
+    *,
+    image_root: str | Path | None = None,
+    strict: bool = False,
+    report: ReadReport | None = None,
+    check_image: bool = True,
+    with_offsets: Literal[True],
+) -> Iterator[tuple[int, Record]]: ...
+
+
+def iter_records(
+    path: str | Path,
+    *,
+    image_root: str | Path | None = None,
+    strict: bool = False,
+    report: ReadReport | None = None,
+    check_image: bool = True,
+    with_offsets: bool = False,
+) -> Iterator[Record] | Iterator[tuple[int, Record]]:
     """Records of a .jsonl file (streamed line by line) or a .json list (read whole).
 
     Image paths are relative to ``image_root``, by default the data file's folder. Bad
@@ -128,7 +168,7 @@ def iter_records(
     root = Path(image_root) if image_root is not None else path.parent
     report = report if report is not None else ReadReport()
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise DataFileNotFoundError(f"data file not found: {path}")
     for where, offset, raw, reason in _raw_records(path):
         try:
             if reason is not None:
@@ -151,24 +191,22 @@ class Example:
 
 
 def tokenize_record(
-    tokenizer, record: Record, *, num_image_tokens: int, max_length: int, system: str = SYSTEM_PROMPT
+    tokenizer: PreTrainedTokenizerBase,
+    record: Record,
+    *,
+    num_image_tokens: int,
+    max_length: int,
+    system: str = SYSTEM_PROMPT,
 ) -> Example:
     """Token ids and labels of a record, learning only the assistant turns; see the module docstring."""
     ids: list[int] = []
     labels: list[int] = []
-
-    def add(text: str, learn: bool) -> None:
+    conversation = Conversation(system=system, messages=list(record.turns))
+    # a record that ends with a question is followed by the assistant's turn header, as at inference
+    for text, is_answer in conversation.segments(add_generation_prompt=record.turns[-1][0] == "user"):
         piece = tokenize_prompt(tokenizer, text)
         ids.extend(piece)
-        labels.extend(t if learn and t != IMAGE_TOKEN_INDEX else IGNORE_INDEX for t in piece)
-
-    add(f"<|im_start|>system\n{system}<|im_end|>\n", False)
-    for role, text in record.turns:
-        if role == "user":
-            add(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", False)
-        else:
-            add(f"{text}<|im_end|>", True)
-            add("\n", False)
+        labels.extend(t if is_answer and t != IMAGE_TOKEN_INDEX else IGNORE_INDEX for t in piece)
     # lengths count the image as its visual tokens
     extra = num_image_tokens - 1 if IMAGE_TOKEN_INDEX in ids else 0
     if len(ids) + extra > max_length:

@@ -13,6 +13,10 @@ from typing import Any
 from fastvlm.errors import ConfigError
 
 TOKEN_MIXERS = ("repmixer", "attention")
+# The stem halves the input side twice (two stride-2 convs); every stage after the first
+# starts with a patch embedding that halves it again.
+STEM_STRIDE = 4
+DOWNSAMPLE_STRIDE = 2
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class FastViTConfig:
     @property
     def stride(self) -> int:
         """Total downsampling factor of the tower (input side / feature-map side)."""
-        return 4 * 2 ** (len(self.depths) - 1)
+        return STEM_STRIDE * DOWNSAMPLE_STRIDE ** (len(self.depths) - 1)
 
     @property
     def out_channels(self) -> int:

@@ -18,22 +18,17 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fastvlm.vision.config import FastViTConfig, fastvithd_config
-from fastvlm.vision.layers import (
-    AttentionBlock,
-    LargeKernelConv,
-    MobileOneBlock,
-    PatchEmbed,
-    RepCPE,
-    RepMixerBlock,
-)
+from fastvlm.errors import ImageError
+from fastvlm.vision.blocks import AttentionBlock, RepCPE, RepMixerBlock
+from fastvlm.vision.config import DOWNSAMPLE_STRIDE, FastViTConfig, fastvithd_config
 from fastvlm.vision.loading import load_tower_state_dict
+from fastvlm.vision.mobileone import LargeKernelConv, MobileOneBlock, PatchEmbed
 
 
 class CLIPImageHead(nn.Module):
@@ -66,7 +61,7 @@ class FastViTStage(nn.Module):
                 dim,
                 config.down_kernel,
                 config.down_small_kernel,
-                use_se=config.se_downsamples[index],
+                use_se=bool(config.se_downsamples and config.se_downsamples[index]),
                 inference_mode=not train,
             )
             if index > 0
@@ -76,6 +71,7 @@ class FastViTStage(nn.Module):
             RepCPE(dim, config.pos_embed_kernel, inference_mode=not train) if config.pos_embeds[index] else None
         )
         ratio = config.mlp_ratios[index]
+        blocks: list[nn.Module]
         if config.token_mixers[index] == "repmixer":
             blocks = [
                 RepMixerBlock(
@@ -112,7 +108,7 @@ class FastViTStage(nn.Module):
 class FastViT(nn.Module):
     """FastViT-family image encoder returning the expanded last feature map.
 
-    Three forms share this class (see :mod:`fastvlm.vision.layers`): the training form
+    Three forms share this class (see :mod:`fastvlm.vision.reparam`): the training form
     (``config.inference_mode=False``), the released inference form, and the fused form
     made by :meth:`fuse`. ``reparameterize()`` turns the first into the second in place.
     """
@@ -122,9 +118,10 @@ class FastViT(nn.Module):
         self.config = config = config or fastvithd_config()
         train = not config.inference_mode
         c0 = config.widths[0]
+        half = DOWNSAMPLE_STRIDE  # the stem's two strided convs make STEM_STRIDE
         self.stem = nn.Sequential(
-            MobileOneBlock(3, c0, 3, 2, scale_branch=config.stem_scale_branch, inference_mode=not train),
-            MobileOneBlock(c0, c0, 3, 2, groups=c0, scale_branch=config.stem_scale_branch, inference_mode=not train),
+            MobileOneBlock(3, c0, 3, half, scale_branch=config.stem_scale_branch, inference_mode=not train),
+            MobileOneBlock(c0, c0, 3, half, groups=c0, scale_branch=config.stem_scale_branch, inference_mode=not train),
             MobileOneBlock(c0, c0, 1, 1, inference_mode=not train),
         )
         self.stages = nn.ModuleList(FastViTStage(config, i) for i in range(len(config.depths)))
@@ -138,7 +135,7 @@ class FastViT(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Trade compute for memory in training: block activations are recomputed in backward."""
         for stage in self.stages:
-            stage.gradient_checkpointing = enabled
+            cast(FastViTStage, stage).gradient_checkpointing = enabled
 
     # ---------------------------------------------------------------- forward
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -159,15 +156,17 @@ class FastViT(nn.Module):
         return x
 
     def _dtype(self) -> torch.dtype:
-        return self.final_conv.reparam_conv.weight.dtype
+        conv = self.final_conv.reparam_conv
+        assert conv is not None  # the fused form is re-parameterised
+        return conv.weight.dtype
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected pixel_values of shape [B, 3, H, W], got {list(x.shape)}")
+            raise ImageError(f"expected pixel_values of shape [B, 3, H, W], got {list(x.shape)}")
         stride = self.config.stride
         h, w = x.shape[-2:]
         if h % stride or w % stride:
-            raise ValueError(
+            raise ImageError(
                 f"image side {h}x{w} is not a multiple of the tower stride {stride}; "
                 f"resize or pad to a multiple of {stride} (e.g. {max(stride, h // stride * stride)}x"
                 f"{max(stride, w // stride * stride)})"
@@ -184,8 +183,9 @@ class FastViT(nn.Module):
         if self.is_fused:
             return self
         for module in self.modules():
-            if module is not self and hasattr(module, "reparameterize"):
-                module.reparameterize()
+            reparameterize = getattr(module, "reparameterize", None)
+            if module is not self and reparameterize is not None:
+                reparameterize()
         self.config = self.config.replace(inference_mode=True)
         return self
 
@@ -211,7 +211,7 @@ class FastViT(nn.Module):
         self.requires_grad_(False)
         if dtype is not None:
             self.to(dtype)
-        self.to(memory_format=torch.channels_last)
+        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stubs
         self.is_fused = True
         return self
 

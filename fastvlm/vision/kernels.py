@@ -17,6 +17,7 @@ PyTorch ops run. Both paths compute the same function up to float rounding.
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -97,9 +98,9 @@ def as_depthwise(conv: nn.Conv2d) -> tuple[nn.Conv2d, int]:
     depthwise = nn.Conv2d(
         conv.out_channels,
         conv.out_channels,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
+        cast("tuple[int, int]", conv.kernel_size),
+        cast("tuple[int, int]", conv.stride),
+        cast("tuple[int, int]", conv.padding),
         groups=conv.out_channels,
         bias=conv.bias is not None,
         device=conv.weight.device,

@@ -20,10 +20,15 @@ def tokenizer():
 
 
 def _record(**changes):
-    raw = {"id": "r1", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
-                                         {"from": "gpt", "value": "A red sign."},
-                                         {"from": "human", "value": "And the text?"},
-                                         {"from": "gpt", "value": "STOP"}]}  # fmt: skip
+    raw = {
+        "id": "r1",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"},
+            {"from": "gpt", "value": "A red sign."},
+            {"from": "human", "value": "And the text?"},
+            {"from": "gpt", "value": "STOP"},
+        ],
+    }
     raw.update(changes)
     return raw
 
@@ -111,8 +116,10 @@ def test_json_list_files_are_read_too(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps([text_only, {"id": "b"}, _record(id="c")]))
     report = ReadReport()
     assert [r.id for r in iter_records(tmp_path / "d.json", report=report)] == ["a"]
-    assert report.skipped == ["d.json[1] (id b): 'conversations' must be a non-empty list",
-                              "d.json[2] (id c): 1 <image> placeholder(s) but no 'image'"]  # fmt: skip
+    assert report.skipped == [
+        "d.json[1] (id b): 'conversations' must be a non-empty list",
+        "d.json[2] (id c): 1 <image> placeholder(s) but no 'image'",
+    ]
 
 
 def test_synthetic_set_is_valid_deterministic_and_answerable(tmp_path):
@@ -128,8 +135,12 @@ def test_synthetic_set_is_valid_deterministic_and_answerable(tmp_path):
     assert (len(train), len(test)) == (24, 6) and not report.skipped
     from fastvlm.train.synth import COLORS, NUMBER_WORDS, SHAPES, WORDS
 
-    vocab = {"What color": set(COLORS), "Which shape": set(SHAPES), "How many": set(NUMBER_WORDS[1:5]),
-             "What word": set(WORDS)}  # fmt: skip
+    vocab = {
+        "What color": set(COLORS),
+        "Which shape": set(SHAPES),
+        "How many": set(NUMBER_WORDS[1:5]),
+        "What word": set(WORDS),
+    }
     seen = set()
     for record in train + test:
         question, answer = record.turns[0][1].split("\n")[1], record.turns[1][1]

@@ -10,14 +10,8 @@ from torch import nn
 
 from fastvlm.bench.encoder import randomize_statistics
 from fastvlm.vision import FastViTConfig, FastViTHD
-from fastvlm.vision.layers import (
-    AttentionBlock,
-    LargeKernelConv,
-    MobileOneBlock,
-    RepCPE,
-    RepMixer,
-    RepMixerBlock,
-)
+from fastvlm.vision.blocks import AttentionBlock, RepCPE, RepMixer, RepMixerBlock
+from fastvlm.vision.mobileone import LargeKernelConv, MobileOneBlock
 from tests.conftest import assert_close_to_reference
 
 
