@@ -86,16 +86,18 @@ def test_convert_tower_reparameterize_keeps_the_clip_head(tmp_path):
 
     save_file(tensors, tmp_path / "with_head.safetensors")
     out = tmp_path / "out.safetensors"
-    assert main(["convert-tower", str(tmp_path / "with_head.safetensors"), str(out), "--layout", "apple",
-                 "--reparameterize"]) == 0  # fmt: skip
+    src = str(tmp_path / "with_head.safetensors")
+    assert main(["convert-tower", src, str(out), "--layout", "apple", "--reparameterize"]) == 0
     assert torch.equal(load_file(out)["head.proj"], tensors["head.proj"])
 
 
+def _tiny(*parts: str) -> str:
+    """A file of the tiny authors'-format FastVLM fixture (the folder itself without parts)."""
+    return str(fixture_path("apple_fastvlm_tiny", *parts))
+
+
 def _predict_args(*extra: str) -> list[str]:
-    return [
-        "predict", "--model", str(fixture_path("apple_fastvlm_tiny")),
-        "--image", str(fixture_path("apple_fastvlm_tiny", "image.png")), *extra,
-    ]  # fmt: skip
+    return ["predict", "--model", _tiny(), "--image", _tiny("image.png"), *extra]
 
 
 def test_predict_json_reproduces_golden_tokens(capsys):
@@ -116,8 +118,7 @@ def test_predict_streams_text_and_reports_timings(capsys):
 
 
 def test_predict_errors_are_one_line(tmp_path, capsys):
-    missing = ["predict", "--model", str(fixture_path("apple_fastvlm_tiny")), "--image", str(tmp_path / "x.png"),
-               "--prompt", "hi"]  # fmt: skip
+    missing = ["predict", "--model", _tiny(), "--image", str(tmp_path / "x.png"), "--prompt", "hi"]
     assert main(missing) == 2
     assert "image file not found" in capsys.readouterr().err
     assert main(_predict_args("--prompt", "<image>\n<image>\ncompare")) == 2
@@ -151,8 +152,7 @@ def test_chat_answers_each_line(monkeypatch, capsys):
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO("What is written on the sign?\nAnd now?\n"))
-    args = ["chat", "--model", str(fixture_path("apple_fastvlm_tiny")), "--image",
-            str(fixture_path("apple_fastvlm_tiny", "image.png")), "--max-new-tokens", "12"]  # fmt: skip
+    args = ["chat", "--model", _tiny(), "--image", _tiny("image.png"), "--max-new-tokens", "12"]
     assert main(args) == 0
     out = capsys.readouterr().out
     golden = json.loads(fixture_path("apple_fastvlm_tiny", "golden.json").read_text())
@@ -171,16 +171,12 @@ def test_bad_devices_and_benchmark_arguments_are_one_line_errors(capsys):
 
 def test_bench_command_writes_json_table_and_plots(tmp_path, capsys):
     out = tmp_path / "bench"
-    args = ["bench", "--encoders", "fastvithd", "--resolutions", "64", "128", "--llms", "--repeats", "1",
-            "--out", str(out)]  # fmt: skip
-    assert main(args) == 0
+    args = ["bench", "--encoders", "fastvithd", "--resolutions", "64", "128", "--llms", "--repeats", "1"]
+    assert main([*args, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| FastViTHD | 128 | 128 | 4 | 125.1 | 125.1 |" in printed
-    assert sorted(p.name for p in out.iterdir()) == [
-        "fig3_latency_vs_resolution.png",
-        "fig4_ttft_vs_accuracy.png",
-        "results.json",
-        "results.md",
-    ]  # fmt: skip  (no TTFT without an LLM, so no Fig. 2)
+    # no TTFT without an LLM, so no Fig. 2
+    figures = ["fig3_latency_vs_resolution.png", "fig4_ttft_vs_accuracy.png"]
+    assert sorted(p.name for p in out.iterdir()) == [*figures, "results.json", "results.md"]
     saved = json.loads((out / "results.json").read_text())
     assert [e["tokens"] for e in saved["encoders"]] == [1, 4] and saved["prefill"] == []
