@@ -13,6 +13,7 @@ id repeated once per visual token (transformers' convention).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
