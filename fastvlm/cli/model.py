@@ -64,8 +64,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.image is not None:  # decode (and reject a bad image) before spending time on the model
         image = load_image(args.image, max_pixels=None if args.allow_large_images else DEFAULT_MAX_PIXELS)
     model = load_model(args)
+    # The image was decoded above; only resize and normalise it now (it is never decoded twice).
+    pixels = None if image is None else model.image_processor.preprocess(image)[None]
     if args.json:
-        result = model.generate(image=image, prompt=args.prompt, **generation_kwargs(args))
+        result = model.generate(prompt=args.prompt, pixel_values=pixels, **generation_kwargs(args))
         report = {
             "text": result.text,
             "token_ids": result.token_ids,
@@ -74,7 +76,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         }
         print(json.dumps(report, indent=2))
         return
-    stream = model.generate(image=image, prompt=args.prompt, stream=True, **generation_kwargs(args))
+    stream = model.generate(prompt=args.prompt, pixel_values=pixels, stream=True, **generation_kwargs(args))
     for piece in stream:
         print(piece, end="", flush=True)
     print()
