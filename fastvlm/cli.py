@@ -25,12 +25,14 @@ import json
 import os
 import platform
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from fastvlm.processing import DEFAULT_MAX_PIXELS, load_image
+
+# Temporary, until this module becomes the fastvlm/cli/ package: let `fastvlm.cli.train` import.
+__path__ = [str(Path(__file__).with_suffix(""))]
 
 
 class CLIError(Exception):
@@ -396,54 +398,8 @@ def cmd_init(args: argparse.Namespace) -> None:
     print(f"wrote a randomly initialised FastVLM ({params:.1f}M parameters, {config.image_size} px) to {path}")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from fastvlm.train.config import TrainConfig, make_config
-    from fastvlm.train.trainer import train
-
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in ("extra", "stage")}
-    config = make_config(stage=args.stage, file=args.config, **overrides)
-    result = train(config, resume=args.resume, overwrite=args.overwrite)
-    if result.final_model is not None and int(os.environ.get("RANK", "0")) == 0:
-        last = result.losses.get(result.steps)
-        loss = f", final loss {last:.4f}" if last is not None else ""
-        print(f"trained {result.steps} steps{loss}; model written to {result.final_model}")
-        if result.skipped:
-            print(f"{len(result.skipped)} record(s) were skipped; see {Path(config.output_dir) / 'log.jsonl'}")
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; unset flags keep the preset or config-file value."""
-    from fastvlm.train.config import HELP, STAGES, TrainConfig
-
-    p.add_argument("--config", help="a .json or .toml file of settings (flags override it)")
-    p.add_argument(
-        "--resume", nargs="?", const="latest", default=False,
-        help="continue from the latest checkpoint in --output-dir, or from the given checkpoint folder",
-    )  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
-    choices = {"stage": list(STAGES), "precision": ["auto", "fp32", "bf16"], "strategy": ["ddp", "fsdp"],
-               "tower_batchnorm": ["auto", "frozen", "train"]}  # fmt: skip
-    for f in fields(TrainConfig):
-        if f.name == "extra":
-            continue
-        flag, default = "--" + f.name.replace("_", "-"), f.default
-        kwargs: dict = {"help": HELP[f.name], "default": None}
-        if f.name in choices:
-            kwargs["choices"] = choices[f.name]
-        elif isinstance(default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, tuple) or f.name in ("train", "lora_targets", "adam_betas"):
-            kwargs["nargs"] = "+"
-            kwargs["type"] = float if f.name == "adam_betas" else str
-        elif f.name in ("tower_lr", "grad_clip") or isinstance(default, float):
-            kwargs["type"] = float
-        elif f.name in ("max_steps", "max_length", "image_size") or isinstance(default, int):
-            kwargs["type"] = int
-        p.add_argument(flag, **kwargs)
-
-
 def cmd_bench_train(args: argparse.Namespace) -> None:
-    from fastvlm.bench.train import format_train_table, measure_training_step
+    from fastvlm.bench.train_speed import format_train_table, measure_training_step
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -654,14 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser(
-        "train",
-        help="train or fine-tune (stage presets 1/1.5/2/3; run under torchrun for DDP/FSDP)",
-        description="Train a FastVLM. Values come from the --stage preset, then --config, then flags. "
-        "The same command runs under `torchrun --nproc-per-node N fastvlm train ...`.",
-    )
-    add_train_arguments(p)
-    p.set_defaults(func=cmd_train)
+    from fastvlm.cli.train import register as register_train
+
+    register_train(sub)
 
     p = sub.add_parser("bench", help="the paper's efficiency study (encoders, resolutions, LLMs; tables and plots)")
     p.add_argument(
