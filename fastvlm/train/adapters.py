@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 ADAPTER = "default"
+NF4 = "nf4"  # QLoRA's 4-bit NormalFloat (Dettmers et al. 2023)
 _A, _B, _BASE = f".lora_A.{ADAPTER}.weight", f".lora_B.{ADAPTER}.weight", ".base_layer."
 
 
@@ -41,10 +42,13 @@ def quantize_linear_4bit(module: nn.Module, targets: tuple[str, ...]) -> None:
         for name, child in list(parent.named_children()):
             if name in targets and isinstance(child, nn.Linear):
                 q = bnb.nn.Linear4bit(
-                    child.in_features, child.out_features, bias=child.bias is not None,
-                    compute_dtype=torch.bfloat16, quant_type="nf4",
-                )  # fmt: skip
-                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.bfloat16,
+                    quant_type=NF4,
+                )
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type=NF4)
                 if child.bias is not None:
                     q.bias = nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(parent, name, q)
@@ -55,7 +59,9 @@ def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if ".lora_" in k}
 
 
-def merge_lora(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor], *, rank: int, alpha: int):
+def merge_lora(
+    state: dict[str, torch.Tensor], base: dict[str, torch.Tensor], *, rank: int, alpha: int
+) -> dict[str, torch.Tensor]:
     """A plain state dict: adapters folded into their layers' weights, peft's names undone.
 
     ``base`` gives the full-precision frozen weights by plain name (``...q_proj.weight``);

@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from fastvlm.errors import ConfigError
 from fastvlm.processing import IGNORE_INDEX, ImageError, ImageProcessor
 from fastvlm.train.data import ReadReport, Record, RecordError, iter_records, parse_record, tokenize_record
+
+# (byte offsets or list positions, line numbers, text-only records, skipped records) of a data file
+_Scan = tuple[np.ndarray, np.ndarray, int, list[str]]
 
 
 class RecordIndex:
@@ -34,13 +40,19 @@ class RecordIndex:
     """
 
     def __init__(
-        self, path: str | Path, *, image_root: str | Path | None = None, strict: bool = False, progress: bool = False,
-        share=None, is_main: bool = True,
-    ) -> None:  # fmt: skip
+        self,
+        path: str | Path,
+        *,
+        image_root: str | Path | None = None,
+        strict: bool = False,
+        progress: bool = False,
+        share: Callable[[Any], Any] | None = None,
+        is_main: bool = True,
+    ) -> None:
         self.path = Path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self._records: list[Record] | None = None
-        scan = None
+        scan: _Scan | Exception | None = None
         if self.path.suffix != ".jsonl" or share is None or is_main:
             try:
                 scan = self._scan(strict, progress)
@@ -52,15 +64,18 @@ class RecordIndex:
             scan = share(scan)  # rank 0's scan, so every process has the same records
         if isinstance(scan, Exception):
             raise scan
+        assert scan is not None  # rank 0 scanned, and every process got its result
         self.offsets, self.lines, self.num_text_only, skipped = scan
         self.report = ReadReport(read=len(self.offsets), skipped=skipped)
 
-    def _scan(self, strict: bool, progress: bool):
+    def _scan(self, strict: bool, progress: bool) -> _Scan:
         from tqdm.auto import tqdm
 
         report = ReadReport()
-        offsets, lines, text_only = [], [], 0
-        records = [] if self.path.suffix != ".jsonl" else None
+        offsets: list[int] = []
+        lines: list[int] = []
+        text_only = 0
+        records: list[Record] | None = [] if self.path.suffix != ".jsonl" else None
         found = iter_records(self.path, image_root=self.image_root, strict=strict, report=report, with_offsets=True)
         for offset, record in tqdm(found, desc="checking data", unit=" records", disable=not progress):
             offsets.append(offset)
@@ -165,12 +180,12 @@ class BatchPlan:
     def __post_init__(self) -> None:
         per_step = self.micro_batch_size * self.world_size
         if self.global_batch_size % per_step:
-            raise ValueError(
+            raise ConfigError(
                 f"global batch size {self.global_batch_size} is not a multiple of micro batch size "
                 f"{self.micro_batch_size} x {self.world_size} process(es)"
             )
         if self.num_samples < self.global_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the data has {self.num_samples} usable records, fewer than one global batch "
                 f"({self.global_batch_size}); lower global_batch_size"
             )
@@ -213,7 +228,7 @@ class PlanSampler(Sampler[list[int]]):
     def __init__(self, plan: BatchPlan, start_step: int = 0) -> None:
         self.plan, self.start_step = plan, start_step
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start_step, self.plan.total_steps):
             yield from self.plan.micro_batches(step)
 

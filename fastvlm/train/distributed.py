@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from fastvlm.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ def start(device: str = "auto") -> Runtime:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was asked for, but this torch build sees no CUDA device")
+            raise ConfigError(f"device {device!r} was asked for, but this torch build sees no CUDA device")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
@@ -79,7 +83,7 @@ def gather_objects(items: list, runtime: Runtime) -> list:
     return [item for box in boxes for item in box]
 
 
-def broadcast_object(obj, runtime: Runtime):
+def broadcast_object(obj: Any, runtime: Runtime) -> Any:
     if not runtime.distributed:
         return obj
     box = [obj]
@@ -87,7 +91,9 @@ def broadcast_object(obj, runtime: Runtime):
     return box[0]
 
 
-def wrap(module: nn.Module, runtime: Runtime, strategy: str, *, shard_units: list[nn.Module], find_unused: bool):
+def wrap(
+    module: nn.Module, runtime: Runtime, strategy: str, *, shard_units: list[nn.Module], find_unused: bool
+) -> nn.Module:
     """DDP or FSDP2 around ``module`` when there are several processes; the module itself otherwise.
 
     FSDP2 shards every module of ``shard_units`` (decoder layers, tower stages) on its own
@@ -105,28 +111,30 @@ def wrap(module: nn.Module, runtime: Runtime, strategy: str, *, shard_units: lis
 
         for unit in shard_units:
             fully_shard(unit)
-        return fully_shard(module)
+        return cast(nn.Module, fully_shard(module))  # the module itself, now sharded
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused)
 
 
-def gradient_sync(model: nn.Module, enabled: bool):
+def gradient_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
     """A context in which gradients are (or, between accumulation steps, are not) synchronised."""
     if enabled:
         return contextlib.nullcontext()
-    if hasattr(model, "no_sync"):  # DDP
-        return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+    no_sync = getattr(model, "no_sync", None)  # DDP
+    if no_sync is not None:
+        return no_sync()
+    set_sync = getattr(model, "set_requires_gradient_sync", None)  # FSDP2
+    if set_sync is not None:
 
         @contextlib.contextmanager
-        def fsdp_no_sync():
-            model.set_requires_gradient_sync(False)
+        def fsdp_no_sync() -> Iterator[None]:
+            set_sync(False)
             try:
                 yield
             finally:
-                model.set_requires_gradient_sync(True)
+                set_sync(True)
 
         return fsdp_no_sync()
     return contextlib.nullcontext()

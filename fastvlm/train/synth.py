@@ -15,8 +15,16 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
-          "purple": (140, 60, 180), "orange": (240, 130, 30)}  # fmt: skip
+from fastvlm.errors import ConfigError
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (240, 130, 30),
+}
 SHAPES = ("circle", "square", "triangle")
 WORDS = ("CAT", "SUN", "MAP", "BOX", "KEY", "JAR", "SKY", "FOX", "CUP", "HAT")  # none is also a colour
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
@@ -40,7 +48,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
         draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
-def _place(rng: random.Random, size: int, taken: list[tuple[int, int, int, int]], side: int):
+def _place(
+    rng: random.Random, size: int, taken: list[tuple[int, int, int, int]], side: int
+) -> tuple[int, int, int, int] | None:
     """A free square cell for a shape of ``side`` px, or None after a few tries."""
     for _ in range(50):
         x, y = rng.randrange(0, size - side), rng.randrange(0, size - side)
@@ -121,7 +131,7 @@ def write_synthetic_dataset(
     from tqdm.auto import tqdm
 
     if num < 1 or not 0 <= test_fraction < 1:
-        raise ValueError("num must be at least 1 and test_fraction in [0, 1)")
+        raise ConfigError("num must be at least 1 and test_fraction in [0, 1)")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -134,8 +144,8 @@ def write_synthetic_dataset(
             img, question, answer = make_example(rng, size, binding=binding)
             name = f"images/{i:06d}.png"
             img.save(out / name)
-            record = {"id": f"synth-{i:06d}", "image": name, "conversations": [
-                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}  # fmt: skip
+            conversation = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
+            record = {"id": f"synth-{i:06d}", "image": name, "conversations": conversation}
             (test if i < n_test else train).write(json.dumps(record) + "\n")
     return files
 

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from fastvlm.bench.train import FullLogitsLoss, byte_tokenizer
+from fastvlm.bench.tokenizer import byte_tokenizer
+from fastvlm.bench.train_speed import FullLogitsLoss
 from fastvlm.cli import main as cli_main
 from fastvlm.model import FastVLM
 from fastvlm.train.trainer import LossModule, Trainer
@@ -74,7 +75,7 @@ def test_byte_tokenizer_round_trips_chat_text():
 
 def test_full_logits_baseline_computes_the_same_loss(tiny_init, tiny_data, tmp_path):
     trainer = Trainer(tiny_config(tiny_init, tiny_data, tmp_path))
-    batch = next(iter(trainer._loader()))
+    batch = next(iter(trainer.loader()))
     inputs = (batch.input_ids, batch.attention_mask, batch.labels, batch.pixel_values)
     ours, n_ours = LossModule(trainer.model)(*inputs)
     base, n_base = FullLogitsLoss(trainer.model)(*inputs)
@@ -87,3 +88,18 @@ def test_full_logits_baseline_computes_the_same_loss(tiny_init, tiny_data, tmp_p
 def test_train_cli_rejects_bad_values(bad, tmp_path):
     with pytest.raises(SystemExit):
         cli_main(["train", "--model", "m", "--data", "d", "--output-dir", str(tmp_path), *bad])
+
+
+def test_every_setting_is_a_flag_with_its_help_and_type():
+    import argparse
+
+    from fastvlm.cli.train import register
+    from fastvlm.train.config import TrainConfig, settings
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--adam-betas", "0.8", "0.9", "--max-steps", "3", "--no-progress"])
+    assert args.adam_betas == [0.8, 0.9] and args.max_steps == 3 and args.progress is False and args.lr is None
+    assert [s.name for s in settings()] == list(TrainConfig.__dataclass_fields__)
+    assert all(s.help for s in settings())
+    assert {s.name: s.kind for s in settings()}["tower_lr"] is float

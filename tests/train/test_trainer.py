@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,13 @@ import torch
 from safetensors.torch import load_file
 
 from fastvlm.cli import main as cli_main
+from fastvlm.files import leftover_dirs, staging_dir
 from fastvlm.model import FastVLM
-from fastvlm.train.config import STAGES, TrainConfig, make_config
+from fastvlm.train.checkpointing import list_checkpoints
+from fastvlm.train.config import STAGES, make_config
 from fastvlm.train.dataset import BatchPlan, RecordIndex
-from fastvlm.train.trainer import Trainer, list_checkpoints, train, warmup_cosine
+from fastvlm.train.setup import warmup_cosine
+from fastvlm.train.trainer import Trainer, train
 from tests.conftest import fixture_path
 from tests.train.conftest import tiny_config
 
@@ -116,7 +120,7 @@ def test_record_index_reads_records_back_by_offset(tiny_data):
 
 def test_training_loss_is_the_token_sum_of_the_usual_loss(tiny_init, tiny_data, tmp_path):
     trainer = Trainer(tiny_config(tiny_init, tiny_data, tmp_path))
-    batch = next(iter(trainer._loader()))
+    batch = next(iter(trainer.loader()))
     model = trainer.model
     total, count = model.training_loss(batch.input_ids, batch.labels, batch.attention_mask, batch.pixel_values)
     mean = model(batch.input_ids, batch.pixel_values, batch.attention_mask, labels=batch.labels).loss
@@ -197,12 +201,12 @@ def test_checkpoints_load_convert_and_are_pruned(tiny_init, tiny_data, tmp_path)
     result = train(tiny_config(tiny_init, tiny_data, tmp_path, max_steps=4, save_every=1, keep_checkpoints=2))
     names = [p.name for p in list_checkpoints(tmp_path)]
     assert names == ["checkpoint-0000003", "checkpoint-0000004"]
-    assert not list(tmp_path.glob(".*partial"))
-    (tmp_path / ".checkpoint-0000009.partial").mkdir()  # what a kill during a save leaves
+    assert not leftover_dirs(tmp_path)
+    staging_dir(tmp_path / "checkpoint-0000009").mkdir()  # what a kill during a save leaves
     assert [p.name for p in list_checkpoints(tmp_path)] == names
     with pytest.raises(FileExistsError, match="--resume to continue it or --overwrite"):
         Trainer(tiny_config(tiny_init, tiny_data, tmp_path, max_steps=4))  # never mixes two runs
-    assert (tmp_path / ".checkpoint-0000009.partial").exists() is False  # but the leftover is cleared
+    assert staging_dir(tmp_path / "checkpoint-0000009").exists() is False  # but the leftover is cleared
     model = FastVLM.from_pretrained(tmp_path / "checkpoint-0000004", fuse=False)
     final = FastVLM.from_pretrained(result.final_model, fuse=False)
     for key, value in final.state_dict().items():
@@ -276,9 +280,9 @@ def test_lora_trains_adapters_and_exports_merged_weights(tiny_init, tiny_data, t
     assert not torch.equal(merged.state_dict()[name], base[name])  # the adapters learned something
     # a resumed LoRA run restores its adapters (not the merged weights) and the dropout RNG
     cut = tmp_path / "cut"
-    cfg_cut = TrainConfig(**{**cfg.__dict__, "output_dir": str(cut), "extra": {}})
+    cfg_cut = replace(cfg, output_dir=str(cut))
     train(cfg_cut, stop_after=2)
-    resumed = train(TrainConfig(**{**cfg_cut.__dict__, "extra": {}}), resume=True)
+    resumed = train(replace(cfg_cut), resume=True)
     assert abs(resumed.losses[3] - result.losses[3]) <= 1e-6
 
 
