@@ -65,7 +65,7 @@ def machine_description() -> dict:
 
 def _print_benchmark(title: str, table: str, rows: list, meta: dict, json_path: str | None) -> None:
     """Title line with the machine, the markdown table, and the rows as JSON when asked."""
-    from fastvlm.bench.measure import write_rows_json
+    from fastvlm.measure import write_rows_json
 
     print(f"\n{title}; {_machine_line(meta)}")
     print(table)
@@ -463,7 +463,7 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_eval(args: argparse.Namespace) -> None:
-    from fastvlm.bench.evaluation import format_eval_table, measure_eval_throughput
+    from fastvlm.bench.eval_speed import format_eval_table, measure_eval_throughput
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -589,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert_tower)
 
     from fastvlm.bench.study import LLM_NAMES
-    from fastvlm.vision.baselines import ENCODERS
+    from fastvlm.bench.baselines import ENCODERS
 
     data = sub.add_parser("data", help="training data: synthetic sets, checks").add_subparsers(
         dest="data_command", required=True
