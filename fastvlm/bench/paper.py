@@ -8,6 +8,7 @@ MLX fp16 on its GPU; absolute times on other hardware differ, so reports compare
 from __future__ import annotations
 
 from statistics import mean
+from typing import NamedTuple
 
 # Parameter counts in millions as published (CLIP image heads included, as the paper counts them).
 PUBLISHED_PARAMS_M = {
@@ -46,8 +47,11 @@ CONVLLAVA_LATENCY_MS = {768: 164.3, 1024: 696.1, 1536: 1569.7}
 
 # AnyRes at 2048: a 2x2 grid of 1024 tiles + a 1024 global view = 5 passes, 1280 tokens (Tab. 10).
 TILED_VISION_MS = {("fastvithd", 2048): 581.5}
-TILED_TTFT_MS = {("fastvithd", 2048, "qwen2-0.5b"): 918, ("fastvithd", 2048, "qwen2-1.5b"): 1263,
-                 ("fastvithd", 2048, "qwen2-7b"): 3721}  # fmt: skip
+TILED_TTFT_MS = {
+    ("fastvithd", 2048, "qwen2-0.5b"): 918,
+    ("fastvithd", 2048, "qwen2-1.5b"): 1263,
+    ("fastvithd", 2048, "qwen2-7b"): 3721,
+}
 
 # LLM prefill in ms for a number of visual tokens (Tab. 10).
 PREFILL_MS = {
@@ -106,27 +110,100 @@ PUBLISHED_TTFT_MS = {
     ("vit_l14", 336, "vicuna-7b"): 1297,
 }
 
-# Claims checked against our measurements: (label, kind, numerator, denominator, paper ratio, source, LLM).
-# kind: "latency" (encoder latency), "ttft" (with the claim's LLM when measured), "tokens", "params".
-# numerator/denominator: (encoder, side); the slower / larger one first. Latency pairs come from one table.
+
+class Claim(NamedTuple):
+    """A ratio the paper states, checked against ours where both sides were measured."""
+
+    label: str
+    # "latency" (encoder latency), "ttft" (with the claim's LLM when measured), "tokens" or "params"
+    kind: str
+    numerator: tuple[str, int]  # (encoder, side): the slower / larger one
+    denominator: tuple[str, int]
+    paper: float  # the paper's ratio; latency pairs come from one table
+    source: str
+    llm: str | None = None  # the LLM of a TTFT claim
+
+
 PAPER_RATIOS = [
-    ("ConvNeXt-L@512 / FastViTHD@512 encoder latency", "latency", ("convnext_l", 512), ("fastvithd", 512),
-     71.9 / 33.5, "Tab. 4", None),
-    ("ConvNeXt-XXL@512 / FastViTHD@512 encoder latency", "latency", ("convnext_xxl", 512), ("fastvithd", 512),
-     397.1 / 33.5, "Tab. 4", None),
-    ("ConvNeXt-XXL@1024 / FastViTHD@1024 encoder latency", "latency", ("convnext_xxl", 1024), ("fastvithd", 1024),
-     2290.4 / 116.3, "Tab. 10", None),
-    ("ViT-L/14@336 / FastViTHD@1024 encoder latency", "latency", ("vit_l14", 336), ("fastvithd", 1024),
-     127.4 / 116.3, "Tab. 10", None),
-    ("SigLIP-SO400M@384 / FastViTHD@1024 encoder latency", "latency", ("siglip_so400m", 384), ("fastvithd", 1024),
-     272.1 / 116.3, "Tab. 10", None),
-    ("ViT-L/14@336 / FastViTHD@1024 TTFT", "ttft", ("vit_l14", 336), ("fastvithd", 1024),
-     1297 / 577, "Tab. 6 R31 vs R27", "vicuna-7b"),
-    ("ViT-L/14@336 / FastViTHD@1024 visual tokens", "tokens", ("vit_l14", 336), ("fastvithd", 1024),
-     576 / 256, "Tab. 6", None),
-    ("ViT-L/14 / FastViTHD parameters", "params", ("vit_l14", 336), ("fastvithd", 1024), 304 / 125.1, "Tab. 3", None),
-    ("SigLIP-SO400M / FastViTHD parameters", "params", ("siglip_so400m", 384), ("fastvithd", 1024), 430 / 125.1,
-     "§4.1 (3.4x)", None),
-    ("ConvNeXt-XXL / FastViTHD parameters", "params", ("convnext_xxl", 512), ("fastvithd", 512), 846 / 125.1,
-     "§3 (6.8x)", None),
-]  # fmt: skip
+    Claim(
+        label="ConvNeXt-L@512 / FastViTHD@512 encoder latency",
+        kind="latency",
+        numerator=("convnext_l", 512),
+        denominator=("fastvithd", 512),
+        paper=71.9 / 33.5,
+        source="Tab. 4",
+    ),
+    Claim(
+        label="ConvNeXt-XXL@512 / FastViTHD@512 encoder latency",
+        kind="latency",
+        numerator=("convnext_xxl", 512),
+        denominator=("fastvithd", 512),
+        paper=397.1 / 33.5,
+        source="Tab. 4",
+    ),
+    Claim(
+        label="ConvNeXt-XXL@1024 / FastViTHD@1024 encoder latency",
+        kind="latency",
+        numerator=("convnext_xxl", 1024),
+        denominator=("fastvithd", 1024),
+        paper=2290.4 / 116.3,
+        source="Tab. 10",
+    ),
+    Claim(
+        label="ViT-L/14@336 / FastViTHD@1024 encoder latency",
+        kind="latency",
+        numerator=("vit_l14", 336),
+        denominator=("fastvithd", 1024),
+        paper=127.4 / 116.3,
+        source="Tab. 10",
+    ),
+    Claim(
+        label="SigLIP-SO400M@384 / FastViTHD@1024 encoder latency",
+        kind="latency",
+        numerator=("siglip_so400m", 384),
+        denominator=("fastvithd", 1024),
+        paper=272.1 / 116.3,
+        source="Tab. 10",
+    ),
+    Claim(
+        label="ViT-L/14@336 / FastViTHD@1024 TTFT",
+        kind="ttft",
+        numerator=("vit_l14", 336),
+        denominator=("fastvithd", 1024),
+        paper=1297 / 577,
+        source="Tab. 6 R31 vs R27",
+        llm="vicuna-7b",
+    ),
+    Claim(
+        label="ViT-L/14@336 / FastViTHD@1024 visual tokens",
+        kind="tokens",
+        numerator=("vit_l14", 336),
+        denominator=("fastvithd", 1024),
+        paper=576 / 256,
+        source="Tab. 6",
+    ),
+    Claim(
+        label="ViT-L/14 / FastViTHD parameters",
+        kind="params",
+        numerator=("vit_l14", 336),
+        denominator=("fastvithd", 1024),
+        paper=304 / 125.1,
+        source="Tab. 3",
+    ),
+    Claim(
+        label="SigLIP-SO400M / FastViTHD parameters",
+        kind="params",
+        numerator=("siglip_so400m", 384),
+        denominator=("fastvithd", 1024),
+        paper=430 / 125.1,
+        source="§4.1 (3.4x)",
+    ),
+    Claim(
+        label="ConvNeXt-XXL / FastViTHD parameters",
+        kind="params",
+        numerator=("convnext_xxl", 512),
+        denominator=("fastvithd", 512),
+        paper=846 / 125.1,
+        source="§3 (6.8x)",
+    ),
+]

@@ -8,16 +8,22 @@ weights of the published architecture give the real figures.
 
 from __future__ import annotations
 
+import functools
 import statistics
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from fastvlm.bench.measure import markdown_table, mib, peak_memory_mb
 from fastvlm.generation import Timings, generate_tokens
-from fastvlm.model import FastVLM, fastvlm_config
+from fastvlm.measure import markdown_table, mib, peak_memory_mb
+from fastvlm.model import FastVLM
+from fastvlm.presets import fastvlm_config
 from fastvlm.processing import IMAGE_TOKEN_INDEX
+
+# Prompt ids are drawn this far from both ends of the vocabulary, away from special tokens.
+VOCAB_EDGE = 1000
+WARMUP_NEW_TOKENS = 2  # the warm-up and memory runs: one prefill and one decode step
 
 
 @dataclass
@@ -38,7 +44,7 @@ class TTFTRow:
 def _prompt_ids(text_tokens: int, vocab: int, seed: int = 0) -> torch.Tensor:
     """A template-sized prompt: random text ids around one image marker."""
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, vocab - 1000, (text_tokens,), generator=gen)
+    ids = torch.randint(VOCAB_EDGE, vocab - VOCAB_EDGE, (text_tokens,), generator=gen)
     half = text_tokens // 2
     return torch.cat([ids[:half], torch.tensor([IMAGE_TOKEN_INDEX]), ids[half:]])[None]
 
@@ -61,33 +67,68 @@ def run_ttft_benchmark(
     repeats: int = 3,
     progress: bool = True,
 ) -> list[TTFTRow]:
+    """One row per resolution: medians of ``repeats`` generations after a warm-up, and one call's peak memory."""
     model = FastVLM.from_config(fastvlm_config(llm), device=device, dtype=dtype)
     model.vision_tower.fuse(dtype=dtype)
     ids = _prompt_ids(text_tokens, model.config.text.vocab_size)
     rows = []
     for resolution in tqdm(resolutions, desc="TTFT", unit="resolution", disable=not progress):
         pixels = torch.rand(1, 3, resolution, resolution)
-        _run(model, ids, pixels, 2)  # warm-up
+        _run(model, ids, pixels, WARMUP_NEW_TOKENS)  # warm-up
         runs = [_run(model, ids, pixels, new_tokens) for _ in range(repeats)]
-        peak = peak_memory_mb(lambda pixels=pixels: _run(model, ids, pixels, 2), torch.device(device))
+        warm_run = functools.partial(_run, model, ids, pixels, WARMUP_NEW_TOKENS)
+        peak = peak_memory_mb(warm_run, torch.device(device))
 
-        def median(field: str, runs=runs) -> float:
+        def median(field: str, runs: list[Timings] = runs) -> float:
             return statistics.median(getattr(t, field) for t in runs)
 
-        rows.append(TTFTRow(
-            device=device, dtype=str(dtype).removeprefix("torch."), llm=llm, resolution=resolution,
-            visual_tokens=runs[0].visual_tokens, prompt_tokens=runs[0].prompt_tokens,
-            vision_ms=median("vision_ms"), prefill_ms=median("prefill_ms"), ttft_ms=median("ttft_ms"),
-            decode_tokens_per_s=median("decode_tokens_per_s"), peak_mb=peak,
-        ))  # fmt: skip
+        rows.append(
+            TTFTRow(
+                device=device,
+                dtype=str(dtype).removeprefix("torch."),
+                llm=llm,
+                resolution=resolution,
+                visual_tokens=runs[0].visual_tokens,
+                prompt_tokens=runs[0].prompt_tokens,
+                vision_ms=median("vision_ms"),
+                prefill_ms=median("prefill_ms"),
+                ttft_ms=median("ttft_ms"),
+                decode_tokens_per_s=median("decode_tokens_per_s"),
+                peak_mb=peak,
+            )
+        )
     return rows
 
 
 def format_ttft_table(rows: list[TTFTRow]) -> str:
-    columns = ["device", "dtype", "LLM", ">px", ">visual tokens", ">prompt tokens", ">vision ms", ">prefill ms",
-               ">TTFT ms", ">decode tok/s", ">peak MiB"]  # fmt: skip
-    return markdown_table(columns, [
-        [r.device, r.dtype, r.llm, str(r.resolution), str(r.visual_tokens), str(r.prompt_tokens), f"{r.vision_ms:,.0f}",
-         f"{r.prefill_ms:,.0f}", f"{r.ttft_ms:,.0f}", f"{r.decode_tokens_per_s:.1f}", mib(r.peak_mb)]
+    """The rows as a markdown table, one line per (device, resolution)."""
+    columns = [
+        "device",
+        "dtype",
+        "LLM",
+        ">px",
+        ">visual tokens",
+        ">prompt tokens",
+        ">vision ms",
+        ">prefill ms",
+        ">TTFT ms",
+        ">decode tok/s",
+        ">peak MiB",
+    ]
+    cells = [
+        [
+            r.device,
+            r.dtype,
+            r.llm,
+            str(r.resolution),
+            str(r.visual_tokens),
+            str(r.prompt_tokens),
+            f"{r.vision_ms:,.0f}",
+            f"{r.prefill_ms:,.0f}",
+            f"{r.ttft_ms:,.0f}",
+            f"{r.decode_tokens_per_s:.1f}",
+            mib(r.peak_mb),
+        ]
         for r in rows
-    ])  # fmt: skip
+    ]
+    return markdown_table(columns, cells)

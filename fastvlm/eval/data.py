@@ -12,14 +12,26 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
+from fastvlm.errors import DataError
 from fastvlm.processing import DEFAULT_MAX_PIXELS, load_image
 
+__all__ = [
+    "DataError",
+    "decode_image_cell",
+    "find_dir",
+    "has_parquet",
+    "parquet_files",
+    "parquet_num_rows",
+    "parquet_rows",
+    "read_json",
+    "read_jsonl",
+]
 
-class DataError(ValueError):
-    """A benchmark folder that does not hold the files its layout needs (names what is missing)."""
+PARQUET_BATCH_ROWS = 16  # rows decoded at a time: a few pages of DocVQA, never a whole split
 
 
 def parquet_files(folder: Path, split: str, config: str | None = None) -> list[Path]:
@@ -54,6 +66,7 @@ def parquet_files(folder: Path, split: str, config: str | None = None) -> list[P
 
 
 def has_parquet(folder: Path) -> bool:
+    """Whether ``folder`` (or a sub-folder) holds any parquet file: the lmms-eval layouts' test."""
     return any(folder.rglob("*.parquet"))
 
 
@@ -70,17 +83,18 @@ def parquet_rows(files: list[Path], columns: list[str] | None = None) -> Iterato
             missing = [c for c in columns if c not in reader.schema_arrow.names]
             if missing:
                 raise DataError(f"{file} has no column(s) {missing}; its columns are {reader.schema_arrow.names}")
-        for batch in reader.iter_batches(batch_size=16, columns=columns):
+        for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
             yield from batch.to_pylist()
 
 
 def parquet_num_rows(files: list[Path]) -> int:
+    """Rows in the shards, from their metadata (nothing is decoded)."""
     import pyarrow.parquet as pq
 
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
-def decode_image_cell(cell, folder: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image_cell(cell: Any, folder: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """A Hugging Face ``Image`` cell ({"bytes", "path"}) as an RGB PIL image (no EXIF rotation,
     as the ``datasets`` library lmms-eval used decodes it)."""
     if cell is None:
@@ -92,7 +106,8 @@ def decode_image_cell(cell, folder: Path, *, max_pixels: int | None = DEFAULT_MA
     raise DataError(f"cannot read an image from a cell of type {type(cell).__name__}")
 
 
-def read_json(path: Path):
+def read_json(path: Path) -> Any:
+    """The JSON document in ``path`` (a :class:`DataError` if it is missing or not JSON)."""
     if not path.is_file():
         raise DataError(f"missing file {path}")
     try:
@@ -102,6 +117,7 @@ def read_json(path: Path):
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file, blank lines skipped (a bad line is named by number)."""
     if not path.is_file():
         raise DataError(f"missing file {path}")
     rows = []

@@ -51,11 +51,11 @@ you'dve>you'd've youll>you'll youre>you're youve>you've
 # The official table, as it is: "somebody'd" -> "somebodyd" runs backwards, and the keys
 # with capitals (Im, Ive, Id've) can never match because words are lower-cased first.
 CONTRACTIONS: dict[str, str] = dict(pair.split(">") for pair in _CONTRACTIONS_TABLE.split())
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # fmt: skip
+_ZERO_TO_TEN = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+DIGIT_WORDS = {word: str(n) for n, word in enumerate(_ZERO_TO_TEN)}
+NUMBER_WORDS = {"none": "0", **DIGIT_WORDS}
 ARTICLES = ("a", "an", "the")
-VQA_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
-                   "?", "!")  # fmt: skip
+VQA_PUNCTUATION = tuple(';/[]"{}()=+\\_-><@`,?!')  # one mark per character
 # Quirk: "(?!<=\d)" was meant as a look-behind but is a look-ahead for the text "<=digit",
 # which can never follow a period, so every period not followed by a digit is removed.
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
@@ -246,8 +246,8 @@ def pope_scores(predictions: Sequence[str], labels: Sequence[str], *, rule: str 
     else:
         accuracy = sum(p == g for p, g in zip(preds, labels, strict=True)) / n if n else 0
         yes_ratio = labels.count("yes") / n if n else 0
-    return {"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1, "yes_ratio": yes_ratio,
-            "tp": tp, "fp": fp, "tn": tn, "fn": fn}  # fmt: skip
+    rates = {"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1, "yes_ratio": yes_ratio}
+    return {**rates, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
 
 
 # ---------------------------------------------------------------------------------------
@@ -367,8 +367,6 @@ def ai2d_choice(prediction: str) -> str:
 
 
 _OPTION_IN_QUESTION = re.compile(r"\b([A-Z])\.\s+([^\n]*)")
-_DIGIT_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-                "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # fmt: skip
 
 
 def realworldqa_choice(prediction: str, question: str) -> str:
@@ -376,7 +374,7 @@ def realworldqa_choice(prediction: str, question: str) -> str:
     punctuation-free answer is searched for the text of an option listed in the question as
     ``"X. text"``. A found option gives its letter (letters are assigned in the order the
     options are listed), otherwise the punctuation-free answer is returned."""
-    resp = _DIGIT_WORDS.get(prediction.lower(), prediction)
+    resp = DIGIT_WORDS.get(prediction.lower(), prediction)
     to_letter: dict[str, str] = {}
     patterns = []
     for i, (_, text) in enumerate(_OPTION_IN_QUESTION.findall(question)):

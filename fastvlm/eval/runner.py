@@ -19,15 +19,35 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
-from fastvlm.bench.measure import markdown_table
-from fastvlm.eval.data import DataError
-from fastvlm.eval.tasks import TASKS, Layout, Sample, Task, get_task
+from fastvlm.errors import ConfigError, DataError
+from fastvlm.eval.layouts import Layout, Sample
+from fastvlm.eval.tasks import TASKS, Task, get_task
+from fastvlm.measure import markdown_table
 from fastvlm.processing import DEFAULT_MAX_PIXELS, ImageError, PromptError
 
+if TYPE_CHECKING:
+    import torch
+
+# The settings a predictions file depends on: a run with other values must not append to it.
 RUN_KEYS = ("task", "layout", "model", "dtype", "max_new_tokens", "image_mode")
+GPU_BATCH_SIZE = 8  # the default batch on an accelerator; on a CPU it is 1
+
+
+class AnsweringModel(Protocol):
+    """What :func:`evaluate` needs of a model: a FastVLM, or a stand-in answering from a table.
+
+    ``generate(images, prompts, max_new_tokens=)`` returns one result with a ``.text`` per
+    prompt; ``parameters()``, ``image_processor`` and ``source_path`` are used when present.
+    """
+
+    config: Any
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -81,7 +101,7 @@ def _check_run(out: Path, settings: dict, overwrite: bool) -> None:
     _write_atomically(run_file, json.dumps(settings, indent=2) + "\n")
 
 
-def _answer(model, batch: list[Sample], max_new_tokens: int, max_pixels: int | None) -> list[dict]:
+def _answer(model: AnsweringModel, batch: list[Sample], max_new_tokens: int, max_pixels: int | None) -> list[dict]:
     """Greedy answers for a batch; a sample that fails (bad image, over-long prompt) gets an
     empty prediction and its error, and the rest of the batch still runs."""
     rows: list[dict] = [{"id": s.id, "prediction": "", "reference": s.reference} for s in batch]
@@ -116,7 +136,7 @@ def _answer(model, batch: list[Sample], max_new_tokens: int, max_pixels: int | N
 
 
 def evaluate(
-    model,
+    model: AnsweringModel,
     task: str | Task,
     data: str | Path,
     out: str | Path,
@@ -129,16 +149,11 @@ def evaluate(
     progress: bool = True,
 ) -> dict:
     """Answer and score one task; returns the results dict also written to ``results.json``."""
-    from tqdm.auto import tqdm
-
     task = get_task(task) if isinstance(task, str) else task
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
+        raise ConfigError(f"limit must be at least 1, got {limit}")
     weight = next(model.parameters()) if hasattr(model, "parameters") else None
-    if batch_size is None:  # batches pay off on a GPU; on a CPU one at a time was as fast (see bench-eval)
-        batch_size = 8 if weight is not None and weight.device.type != "cpu" else 1
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    batch_size = _batch_size(batch_size, weight)
     data = Path(data)
     layout: Layout = task.layout_for(data)
     samples = layout.read(data)
@@ -157,58 +172,90 @@ def evaluate(
     }
     _check_run(out_dir, settings, overwrite)
     processor = getattr(model, "image_processor", None)
-    max_pixels = getattr(processor, "max_pixels", DEFAULT_MAX_PIXELS)
-    pred_file = out_dir / "predictions.jsonl"
-    done = read_predictions(pred_file)
-
+    batches = _BatchRun(
+        model=model,
+        pred_file=out_dir / "predictions.jsonl",
+        max_new_tokens=tokens,
+        max_pixels=getattr(processor, "max_pixels", DEFAULT_MAX_PIXELS),
+    )
     total = min(samples.total, limit) if limit is not None else samples.total
-    order: list[str] = []
-    seen: set[str] = set()
-    new = 0
-    seconds = 0.0
-    batch: list[Sample] = []
-    bar = tqdm(total=total, desc=task.name, unit="sample", disable=not progress)
+    order = batches.run(
+        islice(samples.items, limit), task=task.name, data=data, total=total, batch_size=batch_size, progress=progress
+    )
+    extra = {"limit": limit, "batch_size": batch_size, "throughput": batches.throughput()}
+    return _score_and_write(task, layout, [batches.done[i] for i in order], settings, extra, Path(out))
 
-    def flush() -> None:
-        nonlocal new, seconds
+
+def _batch_size(batch_size: int | None, weight: torch.Tensor | None) -> int:
+    """The batch size asked for, or the default for the model's device."""
+    if batch_size is None:  # batches pay off on a GPU; on a CPU one at a time was as fast (see bench-eval)
+        batch_size = GPU_BATCH_SIZE if weight is not None and weight.device.type != "cpu" else 1
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    return batch_size
+
+
+class _BatchRun:
+    """Answers the samples without a good prediction yet, a batch at a time, appending each
+    finished batch to the predictions file (flushed to disk) and timing only the answering."""
+
+    def __init__(self, *, model: AnsweringModel, pred_file: Path, max_new_tokens: int, max_pixels: int | None) -> None:
+        self.model, self.pred_file = model, pred_file
+        self.max_new_tokens, self.max_pixels = max_new_tokens, max_pixels
+        self.done = read_predictions(pred_file)
+        self.new = 0
+        self.seconds = 0.0
+
+    def run(
+        self, items: Iterable[Sample], *, task: str, data: Path, total: int, batch_size: int, progress: bool
+    ) -> list[str]:
+        """The ids of ``items`` in order, after answering those not done (failed samples are tried again)."""
+        from tqdm.auto import tqdm
+
+        order: list[str] = []
+        seen: set[str] = set()
+        batch: list[Sample] = []
+        with tqdm(total=total, desc=task, unit="sample", disable=not progress) as bar:
+            for sample in items:
+                if sample.id in seen:
+                    raise DataError(f"{task}: sample id {sample.id!r} occurs twice in {data}")
+                seen.add(sample.id)
+                order.append(sample.id)
+                if sample.id in self.done and "error" not in self.done[sample.id]:
+                    bar.update(1)
+                    continue
+                batch.append(sample)
+                if len(batch) == batch_size:
+                    bar.update(self._answer_and_append(batch))
+                    batch = []
+            if batch:
+                bar.update(self._answer_and_append(batch))
+        return order
+
+    def _answer_and_append(self, batch: list[Sample]) -> int:
         start = time.perf_counter()
-        rows = _answer(model, batch, tokens, max_pixels)
-        seconds += time.perf_counter() - start
-        with pred_file.open("a") as f:
+        rows = _answer(self.model, batch, self.max_new_tokens, self.max_pixels)
+        self.seconds += time.perf_counter() - start
+        with self.pred_file.open("a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-                done[row["id"]] = row
+                self.done[row["id"]] = row
             f.flush()
             os.fsync(f.fileno())
-        new += len(rows)
-        bar.update(len(rows))
-        batch.clear()
+        self.new += len(rows)
+        return len(rows)
 
-    with bar:
-        for sample in islice(samples.items, limit):
-            if sample.id in seen:
-                raise DataError(f"{task.name}: sample id {sample.id!r} occurs twice in {data}")
-            seen.add(sample.id)
-            order.append(sample.id)
-            if sample.id in done and "error" not in done[sample.id]:  # failed samples are tried again
-                bar.update(1)
-                continue
-            batch.append(sample)
-            if len(batch) == batch_size:
-                flush()
-        if batch:
-            flush()
-
-    throughput = {
-        "new_samples": new,
-        "seconds": round(seconds, 3),
-        "samples_per_s": round(new / seconds, 4) if seconds > 0 else None,
-    }
-    extra = {"limit": limit, "batch_size": batch_size, "throughput": throughput}
-    return _score_and_write(task, layout, [done[i] for i in order], settings, extra, Path(out))
+    def throughput(self) -> dict:
+        return {
+            "new_samples": self.new,
+            "seconds": round(self.seconds, 3),
+            "samples_per_s": round(self.new / self.seconds, 4) if self.seconds > 0 else None,
+        }
 
 
-def _score_and_write(task: Task, layout: Layout, predictions: list[dict], settings: dict, extra: dict, out: Path):
+def _score_and_write(
+    task: Task, layout: Layout, predictions: list[dict], settings: dict, extra: dict, out: Path
+) -> dict:
     rows = [{**r, "answer": layout.answer(r["prediction"], r["reference"])} for r in predictions]
     metrics = layout.score(rows)
     results = {
@@ -247,8 +294,12 @@ def rescore(out: str | Path, task: str | Task) -> dict:
         raise DataError(f"{pred_file} holds no predictions")
     previous = out / task.name / "results.json"
     before = json.loads(previous.read_text()) if previous.exists() else {}
-    extra = {"limit": None, "batch_size": before.get("batch_size"), "throughput": before.get("throughput"),
-             "rescored": True}  # fmt: skip
+    extra = {
+        "limit": None,
+        "batch_size": before.get("batch_size"),
+        "throughput": before.get("throughput"),
+        "rescored": True,
+    }
     return _score_and_write(task, layouts[settings["layout"]], predictions, settings, extra, out)
 
 
@@ -260,8 +311,8 @@ def write_summary(out: Path) -> Path:
         if file.exists():
             r = json.loads(file.read_text())
             limited = f" (limit {r['limit']})" if r.get("limit") else ""
-            rows.append([r["title"], r["metric"], f"{100 * r['score']:.2f}", f"{r['n']}{limited}", str(r["errors"]),
-                         r["protocol"]])  # fmt: skip
+            score = f"{100 * r['score']:.2f}"
+            rows.append([r["title"], r["metric"], score, f"{r['n']}{limited}", str(r["errors"]), r["protocol"]])
     table = markdown_table(["task", "metric", ">score", ">samples", ">errors", "protocol"], rows)
     path = out / "results.md"
     _write_atomically(path, table + "\n")

@@ -8,7 +8,7 @@ import time
 import torch
 
 from fastvlm.bench.encoder import format_table, run_encoder_benchmark
-from fastvlm.bench.measure import count_flops, median_latency_ms, peak_memory_mb, write_rows_json
+from fastvlm.measure import count_flops, median_latency_ms, peak_memory_mb, write_rows_json
 from fastvlm.vision import FastViTConfig
 
 

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 import fastvlm.bench.study as study
+from fastvlm.bench.baselines import ENCODERS, build_encoder
 from fastvlm.bench.paper import PUBLISHED_PARAMS_M
 from fastvlm.bench.report import _pareto, write_report
 from fastvlm.vision import FastViT, FastViTConfig
-from fastvlm.vision.baselines import ENCODERS, build_encoder
 
 
 @pytest.mark.parametrize("name", sorted(ENCODERS))
@@ -25,9 +25,17 @@ def test_published_parameter_counts_within_one_percent(name):
 
 @pytest.mark.parametrize(
     "name,side,tokens",
-    [("fastvithd", 256, 16), ("fastvithd", 512, 64), ("fastvithd", 768, 144), ("fastvithd", 1024, 256),
-     ("vit_l14", 336, 576), ("siglip_so400m", 384, 729), ("convnext_l", 512, 256), ("fastvit_mci2", 768, 576)],
-)  # fmt: skip
+    [
+        ("fastvithd", 256, 16),
+        ("fastvithd", 512, 64),
+        ("fastvithd", 768, 144),
+        ("fastvithd", 1024, 256),
+        ("vit_l14", 336, 576),
+        ("siglip_so400m", 384, 729),
+        ("convnext_l", 512, 256),
+        ("fastvit_mci2", 768, 576),
+    ],
+)
 def test_visual_token_counts_match_the_real_forward(name, side, tokens):
     spec = ENCODERS[name]
     assert spec.tokens(side) == tokens
@@ -55,23 +63,45 @@ def _tiny_registry(monkeypatch):
                     image_size=336,
                 )
             ),
-        ),  # fmt: skip
+        ),
     }
     monkeypatch.setattr(study, "ENCODERS", registry)
-    monkeypatch.setattr("fastvlm.vision.baselines.ENCODERS", registry)
+    monkeypatch.setattr("fastvlm.bench.baselines.ENCODERS", registry)
     monkeypatch.setattr("fastvlm.bench.report.ENCODERS", registry)
-    llm = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=100, max_position_embeddings=8192)  # fmt: skip
+    llm = Qwen2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=100,
+        max_position_embeddings=8192,
+    )
     return {"qwen2-0.5b": llm}
 
 
 def test_study_schema_ratios_and_files(monkeypatch, tmp_path):
     llms = _tiny_registry(monkeypatch)
-    results = study.run_study(["fastvithd", "vit_l14"], [256, 1024], ["qwen2-0.5b"], repeats=1, tiling=True,
-                              progress=False, llm_configs=llms, meta={"cpu": "test"})  # fmt: skip
+    results = study.run_study(
+        ["fastvithd", "vit_l14"],
+        [256, 1024],
+        ["qwen2-0.5b"],
+        repeats=1,
+        tiling=True,
+        progress=False,
+        llm_configs=llms,
+        meta={"cpu": "test"},
+    )
     sides = {(e.encoder, e.resolution, e.tiles): e for e in results.encoders}
-    expected = {("fastvithd", 256, 1), ("fastvithd", 1024, 1), ("fastvithd", 2048, 5), ("vit_l14", 256, 1),
-                ("vit_l14", 336, 1), ("vit_l14", 1024, 1), ("vit_l14", 2048, 5)}  # fmt: skip
+    expected = {
+        ("fastvithd", 256, 1),
+        ("fastvithd", 1024, 1),
+        ("fastvithd", 2048, 5),
+        ("vit_l14", 256, 1),
+        ("vit_l14", 336, 1),
+        ("vit_l14", 1024, 1),
+        ("vit_l14", 2048, 5),
+    }
     assert set(sides) == expected
     assert sides[("fastvithd", 1024, 1)].tokens == 256 and sides[("fastvithd", 2048, 5)].tokens == 1280
     assert sides[("vit_l14", 336, 1)].tokens == 576 and sides[("fastvithd", 1024, 1)].paper_latency_ms == 116.3
@@ -97,8 +127,13 @@ def test_study_schema_ratios_and_files(monkeypatch, tmp_path):
     assert tiled[0].paper_ttft_ms == 918 and sides[("fastvithd", 2048, 5)].paper_latency_ms == 581.5
 
     files = write_report(results, tmp_path)
-    assert [f.name for f in files] == ["results.json", "results.md", "fig3_latency_vs_resolution.png",
-                                       "fig2_ttft_breakdown.png", "fig4_ttft_vs_accuracy.png"]  # fmt: skip
+    assert [f.name for f in files] == [
+        "results.json",
+        "results.md",
+        "fig3_latency_vs_resolution.png",
+        "fig2_ttft_breakdown.png",
+        "fig4_ttft_vs_accuracy.png",
+    ]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved) == {"meta", "encoders", "prefill", "ttft", "ratios", "skipped"}
     assert "| ViT-L/14 (CLIP) | 336 | 336 | 576 |" in (tmp_path / "results.md").read_text()
@@ -127,9 +162,13 @@ def test_ttft_ratio_uses_the_claims_llm_when_measured():
     results = study.StudyResults(
         meta={},
         encoders=[enc("vit_l14", 336, 10.0), enc("fastvithd", 1024, 5.0)],
-        ttft=[ttft("vit_l14", 336, "qwen2-0.5b", 100.0), ttft("fastvithd", 1024, "qwen2-0.5b", 10.0),
-              ttft("vit_l14", 336, "vicuna-7b", 60.0), ttft("fastvithd", 1024, "vicuna-7b", 30.0)],
-    )  # fmt: skip
+        ttft=[
+            ttft("vit_l14", 336, "qwen2-0.5b", 100.0),
+            ttft("fastvithd", 1024, "qwen2-0.5b", 10.0),
+            ttft("vit_l14", 336, "vicuna-7b", 60.0),
+            ttft("fastvithd", 1024, "vicuna-7b", 30.0),
+        ],
+    )
     ratios = {r.claim: r for r in study.compute_ratios(results, ["qwen2-0.5b", "vicuna-7b"])}
     vit = ratios["ViT-L/14@336 / FastViTHD@1024 TTFT"]
     assert vit.ours == 2.0 and vit.note == "ours with vicuna-7b"

@@ -49,12 +49,24 @@ class ScriptedModel:
 
 # The protocols' decoding limits: LLaVA's model_vqa_loader 128 and model_vqa_science 1024;
 # lmms-eval's yaml generation_kwargs, or its LLaVA model's default 1024 where the yaml sets none.
-MAX_NEW_TOKENS = {("gqa", "llava"): 128, ("textvqa", "llava"): 128, ("textvqa", "lmms-eval"): 1024,
-                  ("vqav2", "lmms-eval"): 16, ("docvqa", "lmms-eval"): 32, ("infovqa", "lmms-eval"): 32,
-                  ("chartqa", "lmms-eval"): 16, ("ocrbench", "lmms-eval"): 128, ("pope", "llava"): 128,
-                  ("pope", "lmms-eval"): 128, ("scienceqa_img", "llava"): 1024, ("scienceqa_img", "lmms-eval"): 16,
-                  ("seedbench", "lmms-eval"): 1024, ("mmmu", "lmms-eval"): 16, ("ai2d", "lmms-eval"): 16,
-                  ("realworldqa", "lmms-eval"): 16}  # fmt: skip
+MAX_NEW_TOKENS = {
+    ("gqa", "llava"): 128,
+    ("textvqa", "llava"): 128,
+    ("textvqa", "lmms-eval"): 1024,
+    ("vqav2", "lmms-eval"): 16,
+    ("docvqa", "lmms-eval"): 32,
+    ("infovqa", "lmms-eval"): 32,
+    ("chartqa", "lmms-eval"): 16,
+    ("ocrbench", "lmms-eval"): 128,
+    ("pope", "llava"): 128,
+    ("pope", "lmms-eval"): 128,
+    ("scienceqa_img", "llava"): 1024,
+    ("scienceqa_img", "lmms-eval"): 16,
+    ("seedbench", "lmms-eval"): 1024,
+    ("mmmu", "lmms-eval"): 16,
+    ("ai2d", "lmms-eval"): 16,
+    ("realworldqa", "lmms-eval"): 16,
+}
 
 
 CASES = [(name, build) for name, build in BUILDERS.items()] + [(n, b) for n, b in ALTERNATE_BUILDERS.items()]

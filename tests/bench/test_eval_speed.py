@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-import fastvlm.bench.evaluation as bench_eval
+import fastvlm.bench.eval_speed as bench_eval
 from tests.bench.tiny import tiny_config
 
 
@@ -19,4 +19,3 @@ def test_eval_benchmark_runs_every_batch_size_over_the_whole_folder(monkeypatch,
     answers = json.loads((tmp_path / "testdev_balanced_questions.json").read_text())
     assert [q["question_id"] for q in questions] == list(answers) == ["0", "1"]
     assert all((tmp_path / "images" / q["image"]).is_file() for q in questions)
-

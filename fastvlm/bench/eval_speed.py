@@ -16,10 +16,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastvlm.bench.measure import markdown_table
-from fastvlm.bench.train import byte_tokenizer
+from fastvlm.bench.tokenizer import byte_tokenizer
 from fastvlm.eval import evaluate
-from fastvlm.model import FastVLM, fastvlm_config
+from fastvlm.eval.layouts import SHORT_ANSWER
+from fastvlm.measure import markdown_table
+from fastvlm.model import FastVLM
+from fastvlm.presets import fastvlm_config
 from fastvlm.train.synth import make_example
 
 
@@ -43,7 +45,7 @@ def write_gqa_folder(folder: Path, samples: int, size: int, seed: int = 0) -> No
     for i in range(samples):
         image, question, answer = make_example(rng, size)
         image.save(folder / "images" / f"s{i}.png")
-        text = question.split("?")[0] + "?\nAnswer the question using a single word or phrase."
+        text = question.split("?")[0] + "?" + SHORT_ANSWER  # as LLaVA's GQA question file words them
         lines.append(json.dumps({"question_id": str(i), "image": f"s{i}.png", "text": text}))
         official[str(i)] = {"answer": answer.lower()}
     (folder / "llava_gqa_testdev_balanced.jsonl").write_text("\n".join(lines) + "\n")
@@ -51,9 +53,15 @@ def write_gqa_folder(folder: Path, samples: int, size: int, seed: int = 0) -> No
 
 
 def measure_eval_throughput(
-    llm: str = "0.5b", resolution: int = 1024, *, samples: int = 16, batch_sizes: tuple[int, ...] = (1, 8),
-    max_new_tokens: int = 8, device: str = "cpu", progress: bool = False,
-) -> list[EvalThroughputRow]:  # fmt: skip
+    llm: str = "0.5b",
+    resolution: int = 1024,
+    *,
+    samples: int = 16,
+    batch_sizes: tuple[int, ...] = (1, 8),
+    max_new_tokens: int = 8,
+    device: str = "cpu",
+    progress: bool = False,
+) -> list[EvalThroughputRow]:
     """One row per batch size: samples/s of a full ``evaluate`` run over ``samples`` samples."""
     model = FastVLM.from_config(fastvlm_config(llm, image_size=resolution), device=device, seed=0)
     model.tokenizer = byte_tokenizer()
@@ -61,23 +69,49 @@ def measure_eval_throughput(
     rows: list[EvalThroughputRow] = []
     with tempfile.TemporaryDirectory(prefix="fastvlm-bench-eval-") as tmp:
         write_gqa_folder(Path(tmp) / "gqa", samples, resolution)
-        warm = evaluate(model, "gqa", Path(tmp) / "gqa", Path(tmp) / "warm", limit=1, max_new_tokens=2,
-                        progress=False)  # fmt: skip
+        warm = evaluate(model, "gqa", Path(tmp) / "gqa", Path(tmp) / "warm", limit=1, max_new_tokens=2, progress=False)
         assert warm["n"] == 1
         for batch in batch_sizes:
-            result = evaluate(model, "gqa", Path(tmp) / "gqa", Path(tmp) / f"out-{batch}", batch_size=batch,
-                              max_new_tokens=max_new_tokens, progress=progress)  # fmt: skip
+            result = evaluate(
+                model,
+                "gqa",
+                Path(tmp) / "gqa",
+                Path(tmp) / f"out-{batch}",
+                batch_size=batch,
+                max_new_tokens=max_new_tokens,
+                progress=progress,
+            )
             speed = result["throughput"]["samples_per_s"]
             base = rows[0].samples_per_s if rows else speed
-            rows.append(EvalThroughputRow(str(device), llm, resolution, batch, samples, max_new_tokens, speed,
-                                          speed / base))  # fmt: skip
+            rows.append(
+                EvalThroughputRow(
+                    device=str(device),
+                    llm=llm,
+                    resolution=resolution,
+                    batch_size=batch,
+                    samples=samples,
+                    max_new_tokens=max_new_tokens,
+                    samples_per_s=speed,
+                    speedup=speed / base,
+                )
+            )
     return rows
 
 
 def format_eval_table(rows: list[EvalThroughputRow]) -> str:
+    """The rows as a markdown table, one line per (device, resolution, batch size)."""
     columns = ["device", "LLM", ">px", ">batch", ">samples", ">new tokens", ">samples/s", ">vs batch 1"]
-    return markdown_table(columns, [
-        [r.device, r.llm, str(r.resolution), str(r.batch_size), str(r.samples), str(r.max_new_tokens),
-         f"{r.samples_per_s:.3f}", f"{r.speedup:.2f}x"]
+    cells = [
+        [
+            r.device,
+            r.llm,
+            str(r.resolution),
+            str(r.batch_size),
+            str(r.samples),
+            str(r.max_new_tokens),
+            f"{r.samples_per_s:.3f}",
+            f"{r.speedup:.2f}x",
+        ]
         for r in rows
-    ])  # fmt: skip
+    ]
+    return markdown_table(columns, cells)
