@@ -307,7 +307,7 @@ class FastVLM(nn.Module):
         path_or_hub_id: str | os.PathLike,
         *,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = torch.float32,
         fuse: bool = True,
         image_mode: str | None = None,
     ) -> FastVLM:
@@ -358,7 +358,14 @@ class FastVLM(nn.Module):
             lm.model.rotary_emb = type(lm.model.rotary_emb)(self.config.text)
 
     @classmethod
-    def from_config(cls, config: FastVLMConfig, *, device="cpu", dtype=torch.float32, seed: int = 0) -> FastVLM:
+    def from_config(
+        cls,
+        config: FastVLMConfig,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ) -> FastVLM:
         """A model with random weights (for benchmarks and tests)."""
         torch.manual_seed(seed)
         with torch.device(device):

@@ -76,7 +76,9 @@ def import_graph() -> dict[str, set[str]]:
     graph = {}
     for name, path in MODULES.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        graph[name] = _runtime_imports(ast.parse(path.read_text()), package) - {name}
+        imports = _runtime_imports(ast.parse(path.read_text()), package) - {name}
+        # A module's own enclosing packages are already being imported when it runs.
+        graph[name] = {target for target in imports if not name.startswith(target + ".")}
     return graph
 
 

@@ -60,6 +60,8 @@ def _register_predict_and_chat(subparsers: Subparsers) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from fastvlm.generation import GenerationResult, TextStream  # transformers: only when a command needs it
+
     image = None
     if args.image is not None:  # decode (and reject a bad image) before spending time on the model
         image = load_image(args.image, max_pixels=None if args.allow_large_images else DEFAULT_MAX_PIXELS)
@@ -68,6 +70,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     pixels = None if image is None else model.image_processor.preprocess(image)[None]
     if args.json:
         result = model.generate(prompt=args.prompt, pixel_values=pixels, **generation_kwargs(args))
+        assert isinstance(result, GenerationResult)  # one prompt, not streamed
         report = {
             "text": result.text,
             "token_ids": result.token_ids,
@@ -77,9 +80,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(json.dumps(report, indent=2))
         return
     stream = model.generate(prompt=args.prompt, pixel_values=pixels, stream=True, **generation_kwargs(args))
+    assert isinstance(stream, TextStream)
     for piece in stream:
         print(piece, end="", flush=True)
     print()
+    assert stream.result is not None  # set once the stream is exhausted
     t = stream.result.timings
     print(
         f"[vision {t.vision_ms:.0f} ms, prefill {t.prefill_ms:.0f} ms, TTFT {t.ttft_ms:.0f} ms, "
@@ -89,6 +94,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from fastvlm.generation import TextStream
+
     model = load_model(args)
     session = model.chat(args.image)
     print("Chat about the image; an empty line, 'exit' or Ctrl-D ends.", file=sys.stderr)
@@ -101,7 +108,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
             break
         print("fastvlm> ", end="", flush=True)
         try:
-            for piece in session.ask(question, stream=True, **generation_kwargs(args)):
+            answer = session.ask(question, stream=True, **generation_kwargs(args))
+            assert isinstance(answer, TextStream)
+            for piece in answer:
                 print(piece, end="", flush=True)
         except FastVLMError as err:  # e.g. the conversation outgrew the context: say so, keep the session
             print(f"\n[error: {err}]", file=sys.stderr)

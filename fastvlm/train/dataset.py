@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from torch.utils.data import Dataset, Sampler
 from fastvlm.errors import ConfigError
 from fastvlm.processing import IGNORE_INDEX, ImageError, ImageProcessor
 from fastvlm.train.data import ReadReport, Record, RecordError, iter_records, parse_record, tokenize_record
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # (byte offsets or list positions, line numbers, text-only records, skipped records) of a data file
 _Scan = tuple[np.ndarray, np.ndarray, int, list[str]]
@@ -107,7 +110,13 @@ class SupervisedDataset(Dataset):
     """
 
     def __init__(
-        self, records: RecordIndex, tokenizer, processor: ImageProcessor, *, num_image_tokens: int, max_length: int
+        self,
+        records: RecordIndex,
+        tokenizer: PreTrainedTokenizerBase,
+        processor: ImageProcessor,
+        *,
+        num_image_tokens: int,
+        max_length: int,
     ) -> None:
         self.records, self.tokenizer, self.processor = records, tokenizer, processor
         self.num_image_tokens, self.max_length = num_image_tokens, max_length

@@ -12,10 +12,14 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont
 
 from fastvlm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fastvlm.model import FastVLM
 
 COLORS = {
     "red": (220, 40, 40),
@@ -163,7 +167,7 @@ def question_kind(question: str) -> str:
     return "other"
 
 
-def exact_match(model, data_file: str | Path, *, batch_size: int = 32, progress: bool = True) -> dict:
+def exact_match(model: FastVLM, data_file: str | Path, *, batch_size: int = 32, progress: bool = True) -> dict:
     """Greedy answers to the records of ``data_file`` scored by exact match (after stripping).
 
     Returns {"accuracy", "n", "by_kind": {kind: accuracy}, "errors": [(id, expected, got)...]}.
@@ -180,6 +184,7 @@ def exact_match(model, data_file: str | Path, *, batch_size: int = 32, progress:
         chunk = records[start : start + batch_size]
         questions = [r.turns[0][1].replace(DEFAULT_IMAGE_TOKEN, "").strip() for r in chunk]
         results = model.generate([r.image for r in chunk], questions, max_new_tokens=16)
+        assert isinstance(results, list)  # a list of prompts gives a list of results
         for record, question, result in zip(chunk, questions, results, strict=True):
             expected, got = record.turns[1][1].strip(), result.text.strip()
             hits.setdefault(question_kind(question), []).append(got == expected)

@@ -128,6 +128,7 @@ class Trainer:
         )
         text = self.model.config
         max_length = min(config.max_length or text.context_length, text.context_length)
+        assert self.model.tokenizer is not None  # load_model refuses a checkpoint without one
         self.dataset = SupervisedDataset(
             self.records,
             self.model.tokenizer,
