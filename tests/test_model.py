@@ -146,10 +146,19 @@ def test_released_0_5b_key_set_on_meta():
     ours = set(get_format("apple").keys_from_ours(state, config.vision).values())
     tower = json.loads(fixture_path("fastvithd_full_keys.json").read_text())["keys"]
     layer = [
-        "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
-        "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.o_proj.weight", "mlp.gate_proj.weight",
-        "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight",
-    ]  # fmt: skip
+        "self_attn.q_proj.weight",
+        "self_attn.q_proj.bias",
+        "self_attn.k_proj.weight",
+        "self_attn.k_proj.bias",
+        "self_attn.v_proj.weight",
+        "self_attn.v_proj.bias",
+        "self_attn.o_proj.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+    ]
     released = (
         set(tower)
         | {f"model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
@@ -222,8 +231,17 @@ def test_authors_checkpoint_without_image_token_converts_to_transformers_format(
     tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<image>"]
     tok["model"]["vocab"].pop("<image>", None)
     if grow:  # one more token takes the last free id, so <image> lands at 387 = vocab_size
-        tok["added_tokens"].append({"id": 386, "content": "<extra>", "single_word": False, "lstrip": False,
-                                    "rstrip": False, "normalized": False, "special": True})  # fmt: skip
+        tok["added_tokens"].append(
+            {
+                "id": 386,
+                "content": "<extra>",
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+        )
     (source / "tokenizer.json").write_text(json.dumps(tok))
     config = json.loads((source / "tokenizer_config.json").read_text())
     config["extra_special_tokens"] = [t for t in config.get("extra_special_tokens", []) if t != "<image>"]

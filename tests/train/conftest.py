@@ -33,8 +33,16 @@ def tiny_data(tmp_path_factory):
 
 def tiny_config(tiny_init, tiny_data, out, **overrides):
     values = dict(
-        model=str(tiny_init), data=str(tiny_data / "train.jsonl"), output_dir=str(out), stage="2",
-        lr=1e-3, global_batch_size=8, micro_batch_size=4, max_steps=6, progress=False, seed=0,
-    )  # fmt: skip
+        model=str(tiny_init),
+        data=str(tiny_data / "train.jsonl"),
+        output_dir=str(out),
+        stage="2",
+        lr=1e-3,
+        global_batch_size=8,
+        micro_batch_size=4,
+        max_steps=6,
+        progress=False,
+        seed=0,
+    )
     values.update(overrides)
     return make_config(**values)

@@ -31,8 +31,27 @@ def test_init_writes_a_random_model_with_the_architecture_of_another(tmp_path):
     assert cli_main(["init", str(tmp_path / "x"), "--llm", "0.5b"]) == 2  # no tokenizer
     # by default the tower is in its training form (batch norms, branches), and the LLM can be resized
     wide = tmp_path / "wide"
-    assert cli_main(["init", str(wide), "--like", like, "--hidden-size", "96", "--layers", "3", "--heads", "6",
-                     "--kv-heads", "2", "--intermediate-size", "192"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "init",
+                str(wide),
+                "--like",
+                like,
+                "--hidden-size",
+                "96",
+                "--layers",
+                "3",
+                "--heads",
+                "6",
+                "--kv-heads",
+                "2",
+                "--intermediate-size",
+                "192",
+            ]
+        )
+        == 0
+    )
     model = FastVLM.from_pretrained(wide, fuse=False)
     assert model.config.vision == source.config.vision.replace(inference_mode=False)
     text = model.config.text
@@ -48,8 +67,22 @@ def test_init_writes_a_random_model_with_the_architecture_of_another(tmp_path):
 def test_train_cli_uses_preset_file_and_flags(tiny_init, tiny_data, tmp_path, capsys):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"stage": "1", "micro_batch_size": 2, "lr": 0.01, "global_batch_size": 4}))
-    args = ["train", "--config", str(config), "--model", str(tiny_init), "--data", str(tiny_data / "train.jsonl"),
-            "--output-dir", str(tmp_path / "run"), "--max-steps", "2", "--no-progress", "--lr", "0.02"]  # fmt: skip
+    args = [
+        "train",
+        "--config",
+        str(config),
+        "--model",
+        str(tiny_init),
+        "--data",
+        str(tiny_data / "train.jsonl"),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "2",
+        "--no-progress",
+        "--lr",
+        "0.02",
+    ]
     assert cli_main(args) == 0
     assert "trained 2 steps" in capsys.readouterr().out
     start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
@@ -59,8 +92,20 @@ def test_train_cli_uses_preset_file_and_flags(tiny_init, tiny_data, tmp_path, ca
 
 
 def test_data_score_counts_exact_matches(tiny_data, tmp_path, capsys):
-    assert cli_main(["data", "score", "--model", str(fixture_path("apple_fastvlm_tiny")), str(tiny_data / "test.jsonl"),
-                     "--json", str(tmp_path / "s.json")]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "data",
+                "score",
+                "--model",
+                str(fixture_path("apple_fastvlm_tiny")),
+                str(tiny_data / "test.jsonl"),
+                "--json",
+                str(tmp_path / "s.json"),
+            ]
+        )
+        == 0
+    )
     scores = json.loads((tmp_path / "s.json").read_text())
     assert scores["n"] == 4 and scores["accuracy"] == 1 - len(scores["errors"]) / 4
     assert "exact match" in capsys.readouterr().out

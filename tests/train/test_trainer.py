@@ -176,9 +176,25 @@ def test_resume_refuses_a_changed_data_order(tiny_init, tiny_data, tmp_path):
 
 def test_killed_run_resumes_from_its_last_complete_checkpoint(tiny_init, tiny_data, tmp_path):
     """SIGKILL a real `fastvlm train` process mid-run; the resumed run matches an uninterrupted one."""
-    args = ["--model", str(tiny_init), "--data", str(tiny_data / "train.jsonl"), "--stage", "2", "--lr", "1e-3",
-            "--global-batch-size", "8", "--micro-batch-size", "4", "--max-steps", "8", "--save-every", "1",
-            "--no-progress"]  # fmt: skip
+    args = [
+        "--model",
+        str(tiny_init),
+        "--data",
+        str(tiny_data / "train.jsonl"),
+        "--stage",
+        "2",
+        "--lr",
+        "1e-3",
+        "--global-batch-size",
+        "8",
+        "--micro-batch-size",
+        "4",
+        "--max-steps",
+        "8",
+        "--save-every",
+        "1",
+        "--no-progress",
+    ]
     assert cli_main(["train", *args, "--output-dir", str(tmp_path / "full")]) == 0
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "fastvlm.cli", "train", *args, "--output-dir", str(out)])
@@ -242,8 +258,9 @@ def test_checkpointing_never_updates_batch_statistics_twice(tiny_data, tmp_path)
     trainer = Trainer(tiny_config(init, tiny_data, tmp_path / "run", max_steps=1, gradient_checkpointing=True))
     trainer.run()
     trainer.close()
-    counts = {int(b.num_batches_tracked) for b in trainer.model.vision_tower.modules()
-              if isinstance(b, torch.nn.BatchNorm2d)}  # fmt: skip
+    counts = {
+        int(b.num_batches_tracked) for b in trainer.model.vision_tower.modules() if isinstance(b, torch.nn.BatchNorm2d)
+    }
     assert counts == {2}  # one step = 2 micro-batches of 4, each counted once
 
 
@@ -260,8 +277,17 @@ def test_bf16_autocast_trains(tiny_init, tiny_data, tmp_path):
 
 
 def test_lora_trains_adapters_and_exports_merged_weights(tiny_init, tiny_data, tmp_path):
-    cfg = tiny_config(tiny_init, tiny_data, tmp_path, lora_rank=4, lora_alpha=8, lora_dropout=0.05, max_steps=3,
-                      save_every=1, train=("projector", "llm"))  # fmt: skip
+    cfg = tiny_config(
+        tiny_init,
+        tiny_data,
+        tmp_path,
+        lora_rank=4,
+        lora_alpha=8,
+        lora_dropout=0.05,
+        max_steps=3,
+        save_every=1,
+        train=("projector", "llm"),
+    )
     trainer = Trainer(cfg)
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n or n.startswith("projector.") for n in trainable)
@@ -292,10 +318,19 @@ def test_lora_trains_adapters_and_exports_merged_weights(tiny_init, tiny_data, t
 def test_bad_records_are_reported_and_skipped_or_rejected(tiny_init, tiny_data, tmp_path):
     lines = (tiny_data / "train.jsonl").read_text().splitlines()
     no_answer = {"id": "no-answer", "conversations": [{"from": "human", "value": "hi"}]}
-    bad = [*lines[:12], "{not json", json.dumps(no_answer),
-           json.dumps({"id": "lost", "image": "images/missing.png",
-                       "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}),
-           *lines[12:]]  # fmt: skip
+    bad = [
+        *lines[:12],
+        "{not json",
+        json.dumps(no_answer),
+        json.dumps(
+            {
+                "id": "lost",
+                "image": "images/missing.png",
+                "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+            }
+        ),
+        *lines[12:],
+    ]
     data = tiny_data / "with_bad.jsonl"
     data.write_text("\n".join(bad) + "\n")
     result = train(tiny_config(tiny_init, tiny_data, tmp_path, data=str(data), max_steps=1))
@@ -313,8 +348,11 @@ def test_a_record_failing_at_load_time_is_skipped_without_stopping(tiny_init, ti
     lines = (tiny_data / "train.jsonl").read_text().splitlines()
     corrupt = tiny_data / "images" / "corrupt.png"
     corrupt.write_bytes(b"not a png")
-    record = {"id": "corrupt", "image": "images/corrupt.png",
-              "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}  # fmt: skip
+    record = {
+        "id": "corrupt",
+        "image": "images/corrupt.png",
+        "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+    }
     data = tiny_data / "with_corrupt.jsonl"
     data.write_text("\n".join([json.dumps(record), *lines[:15]]) + "\n")
     result = train(tiny_config(tiny_init, tiny_data, tmp_path, data=str(data), max_steps=2, global_batch_size=8))
@@ -332,19 +370,46 @@ def test_a_record_failing_at_load_time_is_skipped_without_stopping(tiny_init, ti
 def _with_text_only(tiny_data) -> Path:
     """The training records plus text-only ones, so some micro-batches have no image."""
     path = tiny_data / "mixed.jsonl"
-    text = [json.dumps({"id": f"t{i}", "conversations": [{"from": "human", "value": f"Say {w}."},
-                                                        {"from": "gpt", "value": w}]})
-            for i, w in enumerate(["red", "blue", "one", "two", "CAT", "SUN", "MAP", "BOX"])]  # fmt: skip
+    text = [
+        json.dumps(
+            {"id": f"t{i}", "conversations": [{"from": "human", "value": f"Say {w}."}, {"from": "gpt", "value": w}]}
+        )
+        for i, w in enumerate(["red", "blue", "one", "two", "CAT", "SUN", "MAP", "BOX"])
+    ]
     path.write_text("\n".join([*text, *(tiny_data / "train.jsonl").read_text().splitlines()]) + "\n")
     return path
 
 
 def _torchrun(nproc: int, out: Path, tiny_init, tiny_data, *extra: str) -> dict[int, float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "fastvlm.cli", "train", "--model", str(tiny_init), "--data", str(_with_text_only(tiny_data)),
-           "--output-dir", str(out), "--stage", "2", "--lr", "1e-3", "--global-batch-size", "8",
-           "--max-steps", "6", "--no-progress", "--device", "cpu", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "fastvlm.cli",
+        "train",
+        "--model",
+        str(tiny_init),
+        "--data",
+        str(_with_text_only(tiny_data)),
+        "--output-dir",
+        str(out),
+        "--stage",
+        "2",
+        "--lr",
+        "1e-3",
+        "--global-batch-size",
+        "8",
+        "--max-steps",
+        "6",
+        "--no-progress",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return _log_losses(out)
@@ -365,8 +430,18 @@ def test_two_processes_with_half_the_batch_match_one(strategy, tiny_init, tiny_d
 def test_qlora_trains_adapters_over_a_4bit_base_and_merges_into_the_source_weights(tiny_init, tiny_data, tmp_path):
     import bitsandbytes as bnb  # the optional extra fastvlm[qlora]; part of the dev extra, so CI runs this
 
-    cfg = tiny_config(tiny_init, tiny_data, tmp_path, lora_rank=4, lora_alpha=8, lora_dropout=0.0, qlora=True,
-                      max_steps=2, train=("projector", "llm"), lora_targets=("q_proj", "v_proj"))  # fmt: skip
+    cfg = tiny_config(
+        tiny_init,
+        tiny_data,
+        tmp_path,
+        lora_rank=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        qlora=True,
+        max_steps=2,
+        train=("projector", "llm"),
+        lora_targets=("q_proj", "v_proj"),
+    )
     trainer = Trainer(cfg)
     q_proj = trainer.model.language_model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
