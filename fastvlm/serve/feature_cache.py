@@ -48,7 +48,8 @@ class FeatureCache:
 
     def __init__(self, *, max_entries: int = DEFAULT_MAX_ENTRIES, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if max_entries < 0 or max_bytes < 0:
-            raise ConfigError(f"the feature cache bounds must not be negative, got {max_entries} entries, {max_bytes} bytes")
+            bounds = f"{max_entries} entries, {max_bytes} bytes"
+            raise ConfigError(f"the feature cache bounds must not be negative, got {bounds}")
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._bytes = 0
