@@ -22,6 +22,10 @@ class ImageError(FastVLMError, ValueError):
     """An image that cannot be used: missing, unreadable, truncated, too large or of a bad shape."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image with more pixels than allowed (a guard against decompression bombs)."""
+
+
 class PromptError(FastVLMError, ValueError):
     """A prompt that does not fit the model: placeholders vs images, or longer than the context."""
 

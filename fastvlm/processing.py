@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fastvlm.errors import ConfigError, ImageError
+from fastvlm.errors import ConfigError, ImageError, ImageTooLargeError
 from fastvlm.errors import PromptError as PromptError  # re-exported: `from fastvlm.processing import PromptError`
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ def _check_size(img: Image.Image, max_pixels: int | None, name: object) -> None:
     if w < 1 or h < 1:
         raise ImageError(f"{name} is empty ({w}x{h})")
     if max_pixels is not None and w * h > max_pixels:
-        raise ImageError(
+        raise ImageTooLargeError(
             f"{name} has {w}x{h} = {w * h / 1e6:.0f} MP, more than the {max_pixels / 1e6:.0f} MP allowed "
             "(a guard against decompression bombs); pass max_pixels=None (--allow-large-images) to allow it"
         )
