@@ -83,7 +83,7 @@ def cache_argument(decoder: nn.Module) -> str:
     return _CACHE_ARGUMENTS[decoder_class]
 
 
-def _decoder_step(model: FastVLM, cache: DynamicCache, **inputs: Any) -> torch.Tensor:
+def decoder_step(model: FastVLM, cache: DynamicCache, **inputs: Any) -> torch.Tensor:
     """Run the decoder with the KV cache; the logits of each row's last position [B, V]."""
     lm = model.language_model
     out = lm(**inputs, use_cache=True, **{cache_argument(lm): cache})
@@ -175,7 +175,7 @@ def generate_tokens(
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     sample = _Sampler(temperature, top_p, generator)
     cache = DynamicCache()
-    logits = _decoder_step(
+    logits = decoder_step(
         model,
         cache,
         inputs_embeds=inputs.inputs_embeds,
@@ -228,7 +228,7 @@ def _decode(
             break
         step_start = time.perf_counter()  # the caller's time between tokens is not decode time
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        logits = _decoder_step(model, cache, input_ids=token[:, None], attention_mask=mask, position_ids=next_pos)
+        logits = decoder_step(model, cache, input_ids=token[:, None], attention_mask=mask, position_ids=next_pos)
         next_pos = next_pos + 1
         token = sample(logits)
         _sync(model.device)
