@@ -91,7 +91,7 @@ def decoder_step(model: FastVLM, cache: DynamicCache, **inputs: Any) -> torch.Te
 
 
 @dataclass
-class _Sampler:
+class Sampler:
     """Next token per row: argmax when temperature is 0, else nucleus sampling."""
 
     temperature: float
@@ -173,7 +173,7 @@ def generate_tokens(
     timings.visual_tokens = int(model.image_positions(inputs.input_ids).sum())
     timings.prompt_tokens = int(inputs.attention_mask.sum(-1).max())
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    sample = _Sampler(temperature, top_p, generator)
+    sample = Sampler(temperature, top_p, generator)
     cache = DynamicCache()
     logits = decoder_step(
         model,
@@ -208,7 +208,7 @@ def _decode(
     token: torch.Tensor,
     inputs: ModelInputs,
     *,
-    sample: _Sampler,
+    sample: Sampler,
     stop: torch.Tensor,
     max_new_tokens: int,
     pad_token_id: int,
