@@ -90,6 +90,20 @@ def decoder_step(model: FastVLM, cache: DynamicCache, **inputs: Any) -> torch.Te
     return out.logits[:, -1]
 
 
+def prefill(model: FastVLM, inputs: ModelInputs) -> tuple[DynamicCache, torch.Tensor]:
+    """Run prepared prompts through the decoder: their KV cache and the logits of each row's last position."""
+    cache = DynamicCache()
+    logits = decoder_step(
+        model,
+        cache,
+        inputs_embeds=inputs.inputs_embeds,
+        attention_mask=inputs.attention_mask,
+        position_ids=inputs.position_ids,
+        logits_to_keep=1,
+    )
+    return cache, logits
+
+
 @dataclass
 class Sampler:
     """Next token per row: argmax when temperature is 0, else nucleus sampling."""
@@ -174,15 +188,7 @@ def generate_tokens(
     timings.prompt_tokens = int(inputs.attention_mask.sum(-1).max())
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     sample = Sampler(temperature, top_p, generator)
-    cache = DynamicCache()
-    logits = decoder_step(
-        model,
-        cache,
-        inputs_embeds=inputs.inputs_embeds,
-        attention_mask=inputs.attention_mask,
-        position_ids=inputs.position_ids,
-        logits_to_keep=1,
-    )
+    cache, logits = prefill(model, inputs)
     token = sample(logits)
     _sync(device)
     now = time.perf_counter()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache
 
-from fastvlm.generation import decoder_step
+from fastvlm.generation import decoder_step, prefill
 
 if TYPE_CHECKING:
     from fastvlm.model import FastVLM
@@ -78,15 +78,7 @@ class DecodeBatch:
         inputs = model.prepare_inputs(
             input_ids, attention_mask, image_features=image_features, padding_side="left", pad_token_id=pad_token_id
         )
-        cache = DynamicCache()
-        logits = decoder_step(
-            model,
-            cache,
-            inputs_embeds=inputs.inputs_embeds,
-            attention_mask=inputs.attention_mask,
-            position_ids=inputs.position_ids,
-            logits_to_keep=1,
-        )
+        cache, logits = prefill(model, inputs)
         batch = cls(
             cache=cache,
             attention_mask=inputs.attention_mask,
