@@ -189,6 +189,14 @@ def staging_dir(final: Path) -> Path:
     return final.parent / f".{final.name}{STAGING_SUFFIX}"
 
 
+def new_staging_dir(final: Path) -> Path:
+    """:func:`staging_dir` of ``final``, emptied of anything an interrupted write left in it."""
+    staging = staging_dir(final)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
 def leftover_dirs(folder: Path) -> list[Path]:
     """Hidden staging or half-deleted folders that an interrupted write left in ``folder``."""
     return sorted(
@@ -231,9 +239,7 @@ def atomic_dir(final: str | os.PathLike, *, merge: bool = False) -> Iterator[Pat
     ``merge`` as for :func:`publish_dir`.
     """
     final = Path(final)
-    staging = staging_dir(final)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = new_staging_dir(final)
     try:
         yield staging
     except BaseException:

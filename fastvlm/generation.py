@@ -112,6 +112,12 @@ class Sampler:
     top_p: float | None
     generator: torch.Generator | None
 
+    @classmethod
+    def seeded(cls, temperature: float, top_p: float | None, seed: int | None, device: torch.device) -> Sampler:
+        """A sampler whose draws repeat for the same ``seed`` (None: the global generator)."""
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        return cls(temperature, top_p, generator)
+
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self.temperature <= 0:
             return logits.argmax(dim=-1)
@@ -186,8 +192,7 @@ def generate_tokens(
     max_new_tokens = _room_in_context(model, inputs, max_new_tokens)
     timings.visual_tokens = int(model.image_positions(inputs.input_ids).sum())
     timings.prompt_tokens = int(inputs.attention_mask.sum(-1).max())
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    sample = Sampler(temperature, top_p, generator)
+    sample = Sampler.seeded(temperature, top_p, seed, device)
     cache, logits = prefill(model, inputs)
     token = sample(logits)
     _sync(device)

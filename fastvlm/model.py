@@ -32,6 +32,7 @@ from fastvlm.formats import (
     vocab_image_token,
     write_checkpoint,
 )
+from fastvlm.formats.base import OUR_LM_HEAD
 from fastvlm.processing import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ImageProcessor, PromptError, pad_sequences
 from fastvlm.state_dicts import check_state_dict, is_batch_counter, materialize
 from fastvlm.vision import FastViT
@@ -325,17 +326,16 @@ class FastVLM(nn.Module):
             model = cls(config)
         expected = model.state_dict()
         tied = config.text.tie_word_embeddings
-        lm_head = "language_model.lm_head.weight"
         check_state_dict(
             expected,
             ours,
             checkpoint.name_of,
             what=f"{folder} ({checkpoint.format.name} format) does not fit the model its config describes",
-            optional=lambda key: is_batch_counter(key) or (tied and key.endswith("lm_head.weight")),
+            optional=lambda key: is_batch_counter(key) or (tied and key == OUR_LM_HEAD),
         )
         if tied:
-            ours.pop(lm_head, None)
-            expected = {k: v for k, v in expected.items() if k != lm_head}
+            ours.pop(OUR_LM_HEAD, None)
+            expected = {k: v for k, v in expected.items() if k != OUR_LM_HEAD}
         model.load_state_dict(materialize(expected, ours, device=device, dtype=dtype), strict=False, assign=True)
         model._finish_loading(device)
         model.tokenizer = load_tokenizer(folder)

@@ -263,6 +263,11 @@ def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int
     return ids
 
 
+def extra_visual_tokens(ids: Sequence[int], tokens_per_image: int) -> int:
+    """How many positions the image markers in ``ids`` add once each becomes its visual tokens."""
+    return sum(1 for t in ids if t == IMAGE_TOKEN_INDEX) * (tokens_per_image - 1)
+
+
 def pad_sequences(
     rows: Sequence[Sequence[int]], pad_value: int, side: str = "left"
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase, Qwen2Config
 
 from fastvlm.config import FastVLMConfig
 from fastvlm.errors import CheckpointError
+from fastvlm.processing import DEFAULT_IMAGE_TOKEN
 from fastvlm.vision.config import FastViTConfig
 from fastvlm.vision.layouts import TOWER_PREFIXES, TowerLayout, tower_keys_from_ours, tower_keys_to_ours
 
@@ -159,7 +160,7 @@ def vocab_image_token(tokenizer: PreTrainedTokenizerBase | None, vocab_size: int
     """Id of the tokenizer's ``<image>`` token when it exists and has an embedding row, else None."""
     if tokenizer is None:
         return None
-    token_id = tokenizer.convert_tokens_to_ids("<image>")
+    token_id = tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
     if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id or not 0 <= token_id < vocab_size:
         return None
     return token_id

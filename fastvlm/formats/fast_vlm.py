@@ -11,7 +11,6 @@ this format adds it, as transformers' converter does.
 from __future__ import annotations
 
 import copy
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -34,10 +33,10 @@ from fastvlm.formats.base import (
     text_config_fields,
     vocab_image_token,
 )
+from fastvlm.processing import DEFAULT_IMAGE_TOKEN
 from fastvlm.vision.config import FastViTConfig
 from fastvlm.vision.layouts import TowerLayout
 
-IMAGE_TOKEN = "<image>"
 # transformers' converter pads a grown vocabulary to a multiple of this.
 VOCAB_MULTIPLE = 64
 PROJECTOR_DEPTH = 2  # FastVlmMultiModalProjector: linear_1, GELU, linear_2
@@ -53,7 +52,7 @@ def _image_size(raw: dict, vision: FastViTConfig, folder: Path | None) -> int:
             return int(crop["height"])
     tokens = raw.get("image_seq_length")
     if tokens:
-        return math.isqrt(int(tokens)) * vision.stride
+        return vision.image_size_for(int(tokens))
     return DEFAULT_IMAGE_SIZE
 
 
@@ -71,8 +70,8 @@ def _add_image_token(config: FastVLMConfig, tokenizer: Any, state: dict[str, tor
     token_id = vocab_image_token(tokenizer, text.vocab_size)
     if token_id is None:
         tokenizer = copy.deepcopy(tokenizer)
-        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
-        token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        tokenizer.add_tokens([AddedToken(DEFAULT_IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+        token_id = tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
         if token_id >= text.vocab_size:
             new_vocab = -(-(token_id + 1) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
             state = dict(state)

@@ -25,7 +25,7 @@ import torch
 
 from fastvlm.errors import ConfigError, FastVLMError, PromptError
 from fastvlm.generation import Sampler, stop_token_ids
-from fastvlm.processing import IMAGE_TOKEN_INDEX, pad_sequences
+from fastvlm.processing import extra_visual_tokens, pad_sequences
 from fastvlm.serve.batch import DecodeBatch
 
 if TYPE_CHECKING:
@@ -131,8 +131,7 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue ``request``; a PromptError if it cannot fit the context, QueueFullError when full."""
-        images = request.input_ids.count(IMAGE_TOKEN_INDEX)
-        prompt_tokens = len(request.input_ids) + images * (self.tokens_per_image - 1)
+        prompt_tokens = len(request.input_ids) + extra_visual_tokens(request.input_ids, self.tokens_per_image)
         context = self.model.config.context_length
         if prompt_tokens + request.max_new_tokens > context:
             raise PromptError(
@@ -189,7 +188,11 @@ class Engine:
             for handle in handles:
                 handle.events.put(("error", err))
             return
-        rows = [_Row(handle=h, sample=_sampler(h.request, self.model.device)) for h in handles]
+        device = self.model.device
+        rows = [
+            _Row(handle=h, sample=Sampler.seeded(h.request.temperature, h.request.top_p, h.request.seed, device))
+            for h in handles
+        ]
         joined.last_tokens = torch.stack([row.sample(logits[i : i + 1])[0] for i, row in enumerate(rows)])
         self._batch = joined if self._batch is None else self._batch.merge(joined)
         self._rows += rows
@@ -238,8 +241,3 @@ class Engine:
         row.handle.events.put(("token", token))
         row.generated += 1
         return "length" if row.generated >= row.handle.request.max_new_tokens else None
-
-
-def _sampler(request: GenerationRequest, device: torch.device) -> Sampler:
-    generator = torch.Generator(device=device).manual_seed(request.seed) if request.seed is not None else None
-    return Sampler(request.temperature, request.top_p, generator)

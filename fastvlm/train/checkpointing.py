@@ -29,6 +29,7 @@ from torch import nn
 from fastvlm.errors import CheckpointNotFoundError, OutputExistsError
 from fastvlm.files import (
     leftover_dirs,
+    new_staging_dir,
     publish_dir,
     read_state_dict,
     remove_dir_atomically,
@@ -127,8 +128,7 @@ def write_checkpoint(
     final = checkpoint_path(output_dir, step)
     staging = staging_dir(final)
     if runtime.is_main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        new_staging_dir(final)
     D.barrier(runtime)
     torch.save(rng_state(), _rng_file(staging, runtime.rank))
     D.barrier(runtime)

@@ -27,6 +27,7 @@ from fastvlm.processing import (
     IMAGE_TOKEN_INDEX,
     SYSTEM_PROMPT,
     Conversation,
+    extra_visual_tokens,
     tokenize_prompt,
 )
 
@@ -208,7 +209,7 @@ def tokenize_record(
         ids.extend(piece)
         labels.extend(t if is_answer and t != IMAGE_TOKEN_INDEX else IGNORE_INDEX for t in piece)
     # lengths count the image as its visual tokens
-    extra = num_image_tokens - 1 if IMAGE_TOKEN_INDEX in ids else 0
+    extra = extra_visual_tokens(ids, num_image_tokens)
     if len(ids) + extra > max_length:
         keep = max_length - extra
         if IMAGE_TOKEN_INDEX in ids and ids.index(IMAGE_TOKEN_INDEX) >= keep:

@@ -7,6 +7,7 @@ inferred back from a state dict (see :func:`fastvlm.vision.layouts.infer_tower_c
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -97,6 +98,10 @@ class FastViTConfig:
         """Visual tokens for a square input of side ``image_size``."""
         side = image_size // self.stride
         return side * side
+
+    def image_size_for(self, num_tokens: int) -> int:
+        """The square input side that gives ``num_tokens`` visual tokens (the inverse of :meth:`num_tokens`)."""
+        return math.isqrt(num_tokens) * self.stride
 
     def replace(self, **changes: Any) -> FastViTConfig:
         """A copy with ``changes`` applied (lists are taken as tuples)."""
