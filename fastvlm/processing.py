@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 TURN_START = "<|im_start|>"
 TURN_END = "<|im_end|>"
 ROLES = ("user", "assistant")
+
+_PIL_LIMIT_LOCK = threading.Lock()  # guards the swap of PIL's global pixel limit in load_image
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
 
@@ -72,14 +75,17 @@ def load_image(
             path = source = Path(image)
             if not source.is_file():
                 raise ImageError(f"image file not found: {path}")
-        pil_limit = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None  # our max_pixels check below replaces PIL's; open() reads the header only
-        try:
-            img = Image.open(source)
-        except (UnidentifiedImageError, OSError) as err:
-            raise ImageError(f"cannot read image {path}: not an image file PIL can decode ({err})") from None
-        finally:
-            Image.MAX_IMAGE_PIXELS = pil_limit
+        # Our max_pixels check below replaces PIL's guard, a module global; open() reads the header only.
+        # The swap is under a lock: two threads interleaving it would leave PIL's guard off for good.
+        with _PIL_LIMIT_LOCK:
+            pil_limit = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                img = Image.open(source)
+            except (UnidentifiedImageError, OSError) as err:
+                raise ImageError(f"cannot read image {path}: not an image file PIL can decode ({err})") from None
+            finally:
+                Image.MAX_IMAGE_PIXELS = pil_limit
         _check_size(img, max_pixels, path)
         try:
             img.load()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -161,3 +162,20 @@ def test_decompression_bomb_is_refused_unless_allowed(tmp_path):
         load_image(bomb)
     assert load_image(bomb, max_pixels=None).size == (12_000, 10_000)
     assert Image.MAX_IMAGE_PIXELS is not None  # PIL's own guard is restored
+
+
+def test_images_loaded_from_many_threads_leave_pils_guard_on(tmp_path):
+    path = tmp_path / "small.png"
+    Image.new("RGB", (8, 8)).save(path)
+    limit = Image.MAX_IMAGE_PIXELS
+
+    def load_many() -> None:
+        for _ in range(300):
+            load_image(path)
+
+    threads = [threading.Thread(target=load_many) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert Image.MAX_IMAGE_PIXELS == limit is not None
