@@ -4,6 +4,11 @@
 markdown table headed by the machine it ran on, and write the rows as JSON with
 ``--json`` (the scripts in ``benchmarks/`` call these commands). Arguments are
 checked before anything is built, so a bad resolution or device fails at once.
+
+``bench-serve`` load-tests a server over HTTP instead of calling the model: one it
+starts (``--model``, ``fastvlm serve`` as a child process on a free 127.0.0.1 port) or
+one already running on this machine (``--url``). It writes JSON and markdown to ``--out``;
+it lives in :mod:`~fastvlm.cli.bench_serve`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 
 import torch
 
+from fastvlm.cli import bench_serve
 from fastvlm.cli.common import (
     DTYPES,
     Subparsers,
@@ -37,6 +43,7 @@ def register(subparsers: Subparsers) -> None:
     _register_train(subparsers)
     _register_eval(subparsers)
     _register_encoder(subparsers)
+    bench_serve.register(subparsers)
 
 
 def _add_resolutions(parser: argparse.ArgumentParser, **kwargs: Any) -> None:
