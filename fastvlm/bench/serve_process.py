@@ -106,14 +106,14 @@ def _log_tail(server: ServerProcess) -> str:
         return "(no log)"
 
 
-def stop_process(process: subprocess.Popen) -> None:
-    """Ask politely (SIGINT), then firmly (SIGTERM), then kill; returns once the process is gone."""
+def stop_process(process: subprocess.Popen, *, grace_s: float = STOP_GRACE_S) -> None:
+    """Ask politely (SIGINT), then firmly (SIGTERM), then kill, ``grace_s`` apart; returns once the process is gone."""
     for stop in (lambda: process.send_signal(signal.SIGINT), process.terminate, process.kill):
         if process.poll() is not None:
             return
         stop()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=STOP_GRACE_S)
+            process.wait(timeout=grace_s)
     process.wait()
 
 
@@ -123,7 +123,10 @@ def rss_reader(pid: int) -> Callable[[], float | None]:
         import psutil
     except ImportError:
         return lambda: _proc_status_rss_mib(pid)
-    process = psutil.Process(pid)
+    try:
+        process = psutil.Process(pid)
+    except psutil.Error:  # no such process (any more)
+        return lambda: None
 
     def read() -> float | None:
         try:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import httpx
 from tqdm.auto import tqdm
 
 from fastvlm.bench.serve_load import RequestResult, check_local_url, local_client, send_request
@@ -73,6 +74,7 @@ class SoakResult:
     rss_last_mib: float | None
     rss_growth_pct: float | None
     rss_max_mib: float | None
+    rss_window: int = RSS_WINDOW  # completions averaged at each end (fewer when the soak is short)
     max_growth_pct: float = MAX_GROWTH_PCT
     failures: list[str] = field(default_factory=list)  # the first few, with the request index
     rss_samples_mib: list[float] = field(default_factory=list)
@@ -86,11 +88,16 @@ class SoakResult:
         return asdict(self) | {"passed": self.passed}
 
 
+def rss_window(samples: int, window: int = RSS_WINDOW) -> int:
+    """How many samples each end's mean covers: ``window``, or half of them when there are fewer."""
+    return min(window, samples // 2)
+
+
 def rss_growth(samples: list[float], window: int = RSS_WINDOW) -> tuple[float | None, float | None, float | None]:
     """Mean of the first and last ``window`` samples (at most half of them each) and the growth in %."""
-    if len(samples) < 2:
+    window = rss_window(len(samples), window)
+    if window < 1:
         return None, None, None
-    window = min(window, len(samples) // 2)
     first, last = statistics.fmean(samples[:window]), statistics.fmean(samples[-window:])
     return first, last, (last - first) / first * 100
 
@@ -113,7 +120,7 @@ async def run_soak(
     samples: list[float] = []
     bar = tqdm(total=len(plans), desc="soak", unit="req", disable=not progress)
 
-    async def client_loop(client: Any) -> None:
+    async def client_loop(client: httpx.AsyncClient) -> None:
         while pending:
             planned = pending.pop()
             done.append((planned, await send_request(client, base_url, planned)))
@@ -155,6 +162,7 @@ def summarize_soak(
         rss_last_mib=last,
         rss_growth_pct=growth,
         rss_max_mib=max(samples) if samples else None,
+        rss_window=rss_window(len(samples)),
         max_growth_pct=max_growth_pct,
         failures=failures[:MAX_EXAMPLES],
         rss_samples_mib=samples,
@@ -175,8 +183,8 @@ def soak_markdown(result: SoakResult, meta: dict[str, Any]) -> str:
         "",
         f"**{'PASSED' if result.passed else 'FAILED'}**: {result.valid_ok} of {result.valid} valid requests answered "
         f"completely; {result.invalid_refused} of {result.invalid} invalid ones refused with a 4xx JSON error; "
-        f"server RSS {_fmt(result.rss_first_mib)} MiB (mean of the first {RSS_WINDOW} completions) -> "
-        f"{_fmt(result.rss_last_mib)} MiB (last {RSS_WINDOW}), growth {_fmt(result.rss_growth_pct, 2)} % "
+        f"server RSS {_fmt(result.rss_first_mib)} MiB (mean of the first {result.rss_window} completions) -> "
+        f"{_fmt(result.rss_last_mib)} MiB (last {result.rss_window}), growth {_fmt(result.rss_growth_pct, 2)} % "
         f"(limit {result.max_growth_pct:g} %), peak {_fmt(result.rss_max_mib)} MiB.",
         "",
         "| kind | answers by status |",

@@ -12,6 +12,7 @@ COMMANDS = {
     *["data", "train", "eval", "eval-rescore"],  # cli/data.py, cli/train.py, cli/eval.py
     "serve",  # cli/serve.py
     *["bench", "bench-ttft", "bench-train", "bench-eval", "bench-encoder"],  # cli/bench.py
+    "bench-serve",  # cli/bench_serve.py
 }
 
 
