@@ -3,8 +3,8 @@
 Each level runs ``clients`` coroutines that send their share of requests one after the
 other (a closed loop: a client waits for its answer before asking again), so the server
 sees exactly ``clients`` requests at a time. A level ends when every client has sent its
-requests or the level's time limit has passed (then no new request starts; those in
-flight finish). Every request streams (``stream: true`` with ``include_usage``), so:
+requests, or once the level's time limit has passed and the requests then in flight
+have finished. Every request streams (``stream: true`` with ``include_usage``), so:
 
 - time to first token (TTFT) is measured by the client: from sending the request to the
   first chunk with answer text (or the finishing chunk of an empty answer);
@@ -38,7 +38,7 @@ import httpx
 from tqdm.auto import tqdm
 
 from fastvlm.bench.serve_requests import CHAT_PATH, PlannedRequest, Workload
-from fastvlm.errors import UsageError
+from fastvlm.errors import ConfigError, UsageError
 from fastvlm.measure import machine_line, markdown_table
 
 LOCAL_HOSTS = ("127.0.0.1", "::1")
@@ -277,13 +277,30 @@ def add_ratios(levels: list[LevelResult]) -> None:
 
 @dataclass(frozen=True)
 class LoadSettings:
-    """What the load test sends and how long it may take."""
+    """What the load test sends and how long it may take.
+
+    ``requests_per_client`` holds one count for every level or one per level (fewer at 64
+    clients keeps a slow server's run bounded). After ``time_limit_s`` a level starts no
+    new request, but those in flight finish: a level can overrun by one request per client.
+    """
 
     levels: tuple[int, ...] = (1, 4, 16, 64)
-    requests_per_client: int = 4
-    time_limit_s: float = 300.0  # per level: no request starts after it
+    requests_per_client: tuple[int, ...] = (4,)
+    time_limit_s: float = 300.0
     request_timeout_s: float = 600.0
     warmup_requests: int = 1
+
+    def __post_init__(self) -> None:
+        if len(self.requests_per_client) not in (1, len(self.levels)):
+            raise ConfigError(
+                f"requests_per_client needs one count or one per level ({len(self.levels)}), "
+                f"got {len(self.requests_per_client)}"
+            )
+
+    def requests_at(self, level: int) -> int:
+        """How many requests each client sends at the ``level``-th level (from 0)."""
+        counts = self.requests_per_client
+        return counts[0] if len(counts) == 1 else counts[level]
 
 
 async def run_level(
@@ -336,8 +353,8 @@ async def run_load_test(
         warmup = [workload.valid(WARMUP_INDEX + i, shared=False) for i in range(settings.warmup_requests)]
         await run_level(base_url, warmup, clients=1, api_key=api_key, progress=False, **timing)
     levels, next_index = [], 0
-    for clients in tqdm(settings.levels, desc="load levels", unit="level", disable=not progress):
-        count = clients * settings.requests_per_client
+    for position, clients in enumerate(tqdm(settings.levels, desc="load levels", unit="level", disable=not progress)):
+        count = clients * settings.requests_at(position)
         requests = [workload.valid(i) for i in range(next_index, next_index + count)]  # built before the clock
         next_index += count
         results, wall, stopped = await run_level(
@@ -390,7 +407,7 @@ def load_markdown(levels: list[LevelResult], meta: dict[str, Any]) -> str:
         "",
         f"Model {meta.get('model', '?')}, {meta.get('image_size')} px images "
         f"({meta.get('shared_image_fraction', 0):.0%} shared), max_tokens {meta.get('max_tokens')}, greedy, "
-        f"streamed; {meta.get('requests_per_client')} requests per client. Client machine: {machine_line(meta)}.",
+        f"streamed. Client machine: {machine_line(meta)}.",
         "",
         format_level_table(levels),
     ]

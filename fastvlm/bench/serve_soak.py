@@ -12,6 +12,11 @@ error before any event is sent). The soak passes when
 - the server's resident memory, sampled as each request completes, grew by less than
   ``max_growth_pct`` from the mean over the first hundred completions to the mean over
   the last hundred (a leak grows with requests; a warm-up allocation does not).
+
+The memory's course, the mean of each hundred completions, is reported too: a server's
+first requests grow its heap (allocator arenas of its threads, first-use buffers) before
+it levels off, and that ramp can weigh on the first hundred's mean. ``bench-serve
+--soak-warmup N`` sends N uncounted requests first, for a soak of the warmed-up server.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class SoakResult:
     rss_growth_pct: float | None
     rss_max_mib: float | None
     rss_window: int = RSS_WINDOW  # completions averaged at each end (fewer when the soak is short)
+    rss_by_window_mib: list[float] = field(default_factory=list)  # mean of each run of rss_window completions
     max_growth_pct: float = MAX_GROWTH_PCT
     failures: list[str] = field(default_factory=list)  # the first few, with the request index
     rss_samples_mib: list[float] = field(default_factory=list)
@@ -91,6 +97,14 @@ class SoakResult:
 def rss_window(samples: int, window: int = RSS_WINDOW) -> int:
     """How many samples each end's mean covers: ``window``, or half of them when there are fewer."""
     return min(window, samples // 2)
+
+
+def rss_by_window(samples: list[float], window: int = RSS_WINDOW) -> list[float]:
+    """Means of consecutive runs of ``window`` samples: the memory's course (a leak climbs, a warm-up levels off)."""
+    window = rss_window(len(samples), window)
+    if window < 1:
+        return []
+    return [statistics.fmean(samples[i : i + window]) for i in range(0, len(samples) - window + 1, window)]
 
 
 def rss_growth(samples: list[float], window: int = RSS_WINDOW) -> tuple[float | None, float | None, float | None]:
@@ -163,6 +177,7 @@ def summarize_soak(
         rss_growth_pct=growth,
         rss_max_mib=max(samples) if samples else None,
         rss_window=rss_window(len(samples)),
+        rss_by_window_mib=rss_by_window(samples),
         max_growth_pct=max_growth_pct,
         failures=failures[:MAX_EXAMPLES],
         rss_samples_mib=samples,
@@ -179,13 +194,19 @@ def soak_markdown(result: SoakResult, meta: dict[str, Any]) -> str:
         "# Serving soak",
         "",
         f"Model {meta.get('model', '?')}, {meta.get('image_size')} px images, max_tokens {meta.get('max_tokens')}, "
-        f"{meta.get('soak_clients')} concurrent clients, {result.wall_s:,.0f} s.",
+        f"{meta.get('soak_clients')} concurrent clients, {result.wall_s:,.0f} s; "
+        f"{meta.get('soak_warmup') or 'no'} uncounted warm-up requests before"
+        + (f" ({meta['soak_warmup_failed']} of them failed)" if meta.get("soak_warmup_failed") else "")
+        + ".",
         "",
         f"**{'PASSED' if result.passed else 'FAILED'}**: {result.valid_ok} of {result.valid} valid requests answered "
         f"completely; {result.invalid_refused} of {result.invalid} invalid ones refused with a 4xx JSON error; "
         f"server RSS {_fmt(result.rss_first_mib)} MiB (mean of the first {result.rss_window} completions) -> "
         f"{_fmt(result.rss_last_mib)} MiB (last {result.rss_window}), growth {_fmt(result.rss_growth_pct, 2)} % "
         f"(limit {result.max_growth_pct:g} %), peak {_fmt(result.rss_max_mib)} MiB.",
+        "",
+        f"Server RSS by {result.rss_window} completions (MiB): "
+        + (", ".join(f"{m:,.0f}" for m in result.rss_by_window_mib) or "not measured"),
         "",
         "| kind | answers by status |",
         "|---|---|",

@@ -49,7 +49,12 @@ def register(subparsers: Subparsers) -> None:
         nargs="+",
         help="concurrent clients of each level, e.g. 1,4,16,64 (the default; with --soak, levels run only if given)",
     )
-    p.add_argument("--requests-per-client", type=int, default=4)
+    p.add_argument(
+        "--requests-per-client",
+        nargs="+",
+        default=["4"],
+        help="requests each client sends: one count, or one per level (e.g. 3,2,2,1); default 4",
+    )
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds per level; no request starts after it")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may wait for a chunk")
     p.add_argument("--image-size", type=int, default=512, help="side of the generated images in px")
@@ -58,30 +63,38 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--soak", type=int, metavar="N", help="the soak: N requests, a fifth of them invalid")
     p.add_argument("--soak-clients", type=int, default=8)
     p.add_argument("--soak-invalid-fraction", type=float, default=0.2)
+    p.add_argument(
+        "--soak-warmup", type=int, default=0, metavar="N", help="valid requests sent before the soak, not counted"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/serve", help="folder for serve_load.{json,md}, serve_soak.{json,md}")
     p.set_defaults(func=cmd_bench_serve)
 
 
+def _counts(values: list[str], flag: str) -> tuple[int, ...]:
+    """``1,4 16`` (commas, spaces or both) as (1, 4, 16): positive whole numbers, at least one."""
+    try:
+        counts = tuple(int(v) for value in values for v in value.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{flag} takes whole numbers such as 1,4,16,64, got {' '.join(values)!r}") from None
+    if not counts or min(counts) < 1:
+        raise UsageError(f"{flag} needs at least one count, each 1 or more")
+    return counts
+
+
 def _client_levels(values: list[str] | None, soak: int | None) -> tuple[int, ...]:
-    """``--clients 1,4 16`` as (1, 4, 16); the default levels, or none when only the soak was asked for."""
+    """The levels of ``--clients``: the default ones, or none when only the soak was asked for."""
     if values is None:
         return () if soak else DEFAULT_CLIENT_LEVELS
-    try:
-        levels = tuple(int(v) for value in values for v in value.split(",") if v.strip())
-    except ValueError:
-        raise UsageError(f"--clients takes whole numbers such as 1,4,16,64, got {' '.join(values)!r}") from None
-    if not levels or min(levels) < 1:
-        raise UsageError("--clients needs at least one level, each of 1 client or more")
-    return levels
+    return _counts(values, "--clients")
 
 
 def _check_serve_args(args: argparse.Namespace) -> None:
-    counts = (args.requests_per_client, args.image_size, args.max_tokens, args.soak_clients, args.soak or 1)
+    counts = (args.image_size, args.max_tokens, args.soak_clients, args.soak or 1, args.soak_warmup + 1)
     if min(counts) < 1 or args.time_limit <= 0 or args.request_timeout <= 0:
         raise UsageError(
-            "--requests-per-client, --image-size, --max-tokens, --soak, --soak-clients, --time-limit and "
-            "--request-timeout must be positive"
+            "--image-size, --max-tokens, --soak, --soak-clients, --time-limit and --request-timeout must be positive "
+            "(--soak-warmup 0 or more)"
         )
     if not 0 <= args.shared_image_fraction <= 1 or not 0 <= args.soak_invalid_fraction <= 1:
         raise UsageError("--shared-image-fraction and --soak-invalid-fraction must be between 0 and 1")
@@ -121,6 +134,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     from fastvlm.measure import machine_description
 
     levels = _client_levels(args.clients, args.soak)
+    per_client = _counts(args.requests_per_client, "--requests-per-client")
+    if len(per_client) not in (1, len(levels or (1,))):
+        raise UsageError(f"--requests-per-client takes one count or one per level ({len(levels)} levels)")
     _check_serve_args(args)
     out = Path(args.out)
     with _target_server(args, out) as (base_url, pid):
@@ -139,12 +155,12 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
             "image_size": args.image_size,
             "max_tokens": args.max_tokens,
             "shared_image_fraction": args.shared_image_fraction,
-            "requests_per_client": args.requests_per_client,
+            "requests_per_client": per_client,
             "soak_clients": args.soak_clients,
         }
         run = _ServeRun(base_url=base_url, workload=workload, rss=rss_reader(pid) if pid else None, meta=meta, out=out)
         if levels:
-            _run_levels(args, run, levels)
+            _run_levels(args, run, levels, per_client)
         if args.soak:
             _run_soak(args, run)
 
@@ -154,12 +170,12 @@ def _load_averages(meta: dict[str, Any], before: tuple[float, ...]) -> dict[str,
     return meta | {"load_average_before": before, "load_average_after": os.getloadavg()}
 
 
-def _run_levels(args: argparse.Namespace, run: _ServeRun, levels: tuple[int, ...]) -> None:
+def _run_levels(args: argparse.Namespace, run: _ServeRun, levels: tuple[int, ...], per_client: tuple[int, ...]) -> None:
     from fastvlm.bench.serve_load import LoadSettings, levels_payload, load_markdown, run_load_test, write_report
 
     settings = LoadSettings(
         levels=levels,
-        requests_per_client=args.requests_per_client,
+        requests_per_client=per_client,
         time_limit_s=args.time_limit,
         request_timeout_s=args.request_timeout,
     )
@@ -178,6 +194,7 @@ def _run_soak(args: argparse.Namespace, run: _ServeRun) -> None:
 
     print(f"preparing {args.soak} soak requests")
     plans = plan_soak(run.workload, args.soak, invalid_fraction=args.soak_invalid_fraction, seed=args.seed)
+    warmup_failed = _soak_warmup(args, run) if args.soak_warmup else 0
     before = os.getloadavg()
     result = asyncio.run(
         run_soak(
@@ -189,8 +206,27 @@ def _run_soak(args: argparse.Namespace, run: _ServeRun) -> None:
             rss_mib=run.rss,
         )
     )
-    meta = _load_averages(run.meta, before)
+    meta = _load_averages(run.meta, before) | {"soak_warmup": args.soak_warmup, "soak_warmup_failed": warmup_failed}
     markdown = soak_markdown(result, meta)
     files = write_report("serve_soak", run.out, {"meta": meta, "soak": result.as_dict()}, markdown)
     print(markdown)
     print("wrote " + ", ".join(str(f) for f in files))
+
+
+def _soak_warmup(args: argparse.Namespace, run: _ServeRun) -> int:
+    """Send ``--soak-warmup`` valid requests (numbered after the soak's, so their images are new); how many failed."""
+    from fastvlm.bench.serve_load import run_level
+
+    print(f"warming up with {args.soak_warmup} requests")
+    warmup = [run.workload.valid(args.soak + i, stream=i % 2 == 0) for i in range(args.soak_warmup)]
+    results, _, _ = asyncio.run(
+        run_level(
+            run.base_url,
+            warmup,
+            clients=args.soak_clients,
+            time_limit_s=args.request_timeout * len(warmup),
+            request_timeout_s=args.request_timeout,
+            api_key=args.api_key,
+        )
+    )
+    return sum(not r.ok for r in results)

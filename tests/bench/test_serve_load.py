@@ -28,7 +28,7 @@ from fastvlm.bench.serve_load import (
 from fastvlm.bench.serve_process import rss_reader
 from fastvlm.bench.serve_requests import Workload
 from fastvlm.bench.serve_soak import plan_soak, run_soak
-from fastvlm.errors import UsageError
+from fastvlm.errors import ConfigError, UsageError
 from tests.conftest import fixture_path
 
 
@@ -112,6 +112,13 @@ def test_other_hosts_and_urls_are_refused_with_a_clear_error(url, why):
         check_local_url(url)
 
 
+def test_requests_per_client_are_one_count_or_one_per_level():
+    assert [LoadSettings(levels=(1, 4), requests_per_client=(3,)).requests_at(i) for i in (0, 1)] == [3, 3]
+    assert [LoadSettings(levels=(1, 4), requests_per_client=(3, 1)).requests_at(i) for i in (0, 1)] == [3, 1]
+    with pytest.raises(ConfigError, match="one count or one per level"):
+        LoadSettings(levels=(1, 4, 16), requests_per_client=(3, 1))
+
+
 def test_a_load_test_and_a_soak_against_a_live_server():
     """A couple of clients and a short soak against the real app serving the tiny fixture model."""
     from tests.serve.live import live_server
@@ -119,13 +126,13 @@ def test_a_load_test_and_a_soak_against_a_live_server():
     with live_server(str(fixture_path("apple_fastvlm_tiny")), max_batch_size=4) as base_url:
         model_id = served_model_id(base_url)
         workload = Workload(image_size=64, max_tokens=4, shared_fraction=0.5, model=model_id)
-        settings = LoadSettings(levels=(1, 2), requests_per_client=2, time_limit_s=120)
+        settings = LoadSettings(levels=(1, 2), requests_per_client=(3, 2), time_limit_s=120)
         levels = asyncio.run(run_load_test(base_url, workload, settings, progress=False))
         plans = plan_soak(workload, 30, invalid_fraction=0.2)
         rss = rss_reader(os.getpid())  # the test server runs in this process
         soak = asyncio.run(run_soak(base_url, plans, clients=3, rss_mib=rss, progress=False))
     assert model_id == "apple_fastvlm_tiny"
-    assert [(lv.clients, lv.requests, lv.ok, lv.errors) for lv in levels] == [(1, 2, 2, {}), (2, 4, 4, {})]
+    assert [(lv.clients, lv.requests, lv.ok, lv.errors) for lv in levels] == [(1, 3, 3, {}), (2, 4, 4, {})]
     for level in levels:
         assert level.output_tokens == level.ok * level.mean_completion_tokens > 0
         assert 0 < level.ttft_p50_ms <= level.e2e_p50_ms and level.ttft_p99_ms is not None

@@ -8,7 +8,7 @@ import pytest
 
 from fastvlm.bench.serve_load import RequestResult
 from fastvlm.bench.serve_requests import INVALID_KINDS, Workload
-from fastvlm.bench.serve_soak import judge, plan_soak, rss_growth, soak_markdown, summarize_soak
+from fastvlm.bench.serve_soak import judge, plan_soak, rss_by_window, rss_growth, soak_markdown, summarize_soak
 
 
 def test_a_fifth_of_the_plan_is_invalid_with_every_kind_and_both_stream_modes():
@@ -44,6 +44,13 @@ def test_judge_wants_complete_answers_for_valid_requests_and_4xx_json_errors_for
     assert "without an OpenAI error object" in judge(invalid, _result(422, error="not an OpenAI error object: b''"))
 
 
+def test_the_memorys_course_is_the_mean_of_each_hundred():
+    samples = [100.0] * 100 + [200.0] * 100 + [300.0] * 50
+    assert rss_by_window(samples) == [100.0, 200.0]  # a last, partial hundred is left out
+    assert rss_by_window([1.0, 3.0, 5.0]) == [1.0, 3.0, 5.0]  # short soaks: windows of half or less
+    assert rss_by_window([1.0]) == []
+
+
 def test_rss_growth_compares_the_first_and_last_hundred():
     samples = [100.0] * 100 + [500.0] * 300 + [110.0] * 100
     first, last, growth = rss_growth(samples)
@@ -66,6 +73,7 @@ def test_summary_counts_losses_and_the_verdict():
     assert result.rss_window == 2 and result.rss_growth_pct == pytest.approx(2 / 100.5 * 100)
     report = soak_markdown(result, {"model": "m", "soak_clients": 2})
     assert "**FAILED**: 1 of 2 valid" in report and "| zero_max_tokens | 1x 400 |" in report
+    assert "no uncounted warm-up requests" in report and "RSS by 2 completions (MiB): 100, 102" in report
 
     lost_memory = summarize_soak(done[:1], [100.0, 120.0], 1.0, max_growth_pct=10.0)
     assert lost_memory.valid_ok == lost_memory.valid and not lost_memory.passed  # 20 % growth
