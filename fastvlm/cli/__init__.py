@@ -13,6 +13,7 @@ Subcommands:
   train --model M --data F --output-dir D  train / fine-tune (stage presets; DDP/FSDP under torchrun)
   eval --model M --tasks all --data DIR    score a model on the paper's benchmarks from local data
   eval-rescore --out DIR                   score an eval run's saved predictions again
+  serve --model M [--port 8000]            OpenAI-compatible server: chat completions, page at /, /metrics
   bench [--quick]                          the paper's efficiency study: encoders, resolutions, LLMs, TTFT, plots
   bench-ttft                               TTFT of a FastVLM-sized model by resolution (also benchmarks/ttft.py)
   bench-train                              training throughput of a FastVLM-sized model (samples/s; also benchmarks/)
@@ -20,7 +21,8 @@ Subcommands:
   bench-encoder                            FastViTHD latency, unfused vs fused (also benchmarks/encoder_latency.py)
 
 One module per command group (:mod:`~fastvlm.cli.model`, :mod:`~fastvlm.cli.data`,
-:mod:`~fastvlm.cli.train`, :mod:`~fastvlm.cli.eval`, :mod:`~fastvlm.cli.bench`), each with
+:mod:`~fastvlm.cli.train`, :mod:`~fastvlm.cli.eval`, :mod:`~fastvlm.cli.serve`,
+:mod:`~fastvlm.cli.bench`), each with
 ``register(subparsers)`` that adds its commands with their flags next to their handlers;
 flags several commands share live in :mod:`~fastvlm.cli.common`.
 
@@ -36,14 +38,14 @@ import argparse
 import sys
 import traceback
 
-from fastvlm.cli import bench, data, model, train
+from fastvlm.cli import bench, data, model, serve, train
 from fastvlm.cli import eval as evaluation
 from fastvlm.errors import FastVLMError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
-COMMAND_GROUPS = (model, data, train, evaluation, bench)
+COMMAND_GROUPS = (model, data, train, evaluation, serve, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

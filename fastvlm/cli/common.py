@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
+from fastvlm.dtypes import DTYPES
 from fastvlm.errors import CheckpointError, UsageError
 
 if TYPE_CHECKING:
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 # What build_parser hands each command group's register().
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The released Qwen2 decoder sizes: the keys of fastvlm.presets.QWEN2_PRESETS (a test keeps
 # them equal). Spelled out here so that building the parser does not import transformers.

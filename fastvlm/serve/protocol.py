@@ -58,6 +58,7 @@ class SamplingSettings:
     top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # vLLM's extension: answer exactly max_tokens tokens (load tests)
 
 
 @dataclass
@@ -195,7 +196,12 @@ def parse_sampling(body: dict) -> SamplingSettings:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError("'seed' must be an integer", param="seed")
     return SamplingSettings(
-        max_tokens=max_tokens, temperature=temperature or 0.0, top_p=top_p, seed=seed, stop=_stop(body.get("stop"))
+        max_tokens=max_tokens,
+        temperature=temperature or 0.0,
+        top_p=top_p,
+        seed=seed,
+        stop=_stop(body.get("stop")),
+        ignore_eos=_boolean(body, "ignore_eos"),
     )
 
 
