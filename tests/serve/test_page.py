@@ -133,7 +133,7 @@ def ask(page: Any, question: str, *, with_enter: bool = False) -> None:
         page.click("#send")
 
 
-def settle(page: Any, *, api_key: str) -> None:
+def fill_settings(page: Any, *, api_key: str) -> None:
     """Enter the API key and the token limit in Settings (the key is used from its change event on)."""
     if not page.is_visible("#api-key"):  # the page opens Settings itself when /v1/models wants a key
         page.click("#settings summary")
@@ -143,7 +143,7 @@ def settle(page: Any, *, api_key: str) -> None:
 
 
 def test_the_streamed_answers_equal_the_api_answers_and_the_conversation_continues(page, server):
-    settle(page, api_key=API_KEY)
+    fill_settings(page, api_key=API_KEY)
     models = get_json(f"{server}/v1/models")
     page.wait_for_function("id => document.getElementById('model').textContent === id", arg=models["data"][0]["id"])
 
@@ -182,7 +182,7 @@ def test_the_streamed_answers_equal_the_api_answers_and_the_conversation_continu
 
 
 def test_a_wrong_api_key_shows_the_servers_message_and_keeps_the_question(page, server):
-    settle(page, api_key="not-the-key")
+    fill_settings(page, api_key="not-the-key")
     page.wait_for_function("() => document.getElementById('model').textContent.includes('API key')")
     page.set_input_files("#image-input", str(fixture_path("apple_fastvlm_tiny", "image.png")))
     ask(page, "What is written on the sign?")
@@ -191,11 +191,33 @@ def test_a_wrong_api_key_shows_the_servers_message_and_keeps_the_question(page, 
     status, body = post_json(f"{server}/v1/chat/completions", {"messages": []}, api_key="not-the-key")
     assert status == 401
     shown = page.text_content("#error")
-    assert body["error"]["message"] in shown and "HTTP 401" in shown
+    message = body["error"]["message"].split(" (request id ")[0]  # each request has its own id
+    assert message in shown and "(request id req-" in shown and "HTTP 401" in shown
     assert "[object Object]" not in shown
     assert page.input_value("#question") == "What is written on the sign?"  # put back, ready to retry
     assert page.locator("#messages > li").count() == 0  # the failed turn left no trace in the history
     page.screenshot(path=str(ARTIFACTS / "serve_page_error.png"), full_page=True)
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "body", "shown"),
+    [
+        (502, "text/html", "<html><body><h1>502 Bad Gateway</h1></body></html>", "502 Bad Gateway (HTTP 502)."),
+        (200, "text/event-stream", 'data: {"choices": [{"delta": {"content": "Hal"}}]}\n\n', "closed early"),
+        (200, "text/event-stream", "data: {not json\n\n", "not JSON: {not json"),
+    ],
+    ids=["proxy-html", "cut-short", "garbled"],
+)
+def test_answers_that_are_not_openai_shaped_still_read_as_sentences(page, status, content_type, body, shown):
+    """What a proxy or a broken connection may return instead of the server's answer (intercepted here)."""
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(status=status, headers={"Content-Type": content_type}, body=body),
+    )
+    ask(page, "Anything?")
+    page.wait_for_selector("#error:not([hidden])")
+    assert shown in page.text_content("#error")
+    assert page.input_value("#question") == "Anything?"
 
 
 def test_the_sse_parser_reassembles_events_cut_anywhere(page):

@@ -96,17 +96,17 @@ function milliseconds(value) {
   return `${value >= 10 ? Math.round(value) : value.toFixed(1)} ms`;
 }
 
-/** The figures shown under an answer: [label, value] pairs from the last chunks' timings and usage. */
+/** The figures shown under an answer: [label, value] pairs; a field the server left out is skipped. */
 export function formatStats(timings, usage) {
+  const number = (value) => typeof value === "number" && Number.isFinite(value);
   const stats = [];
-  if (timings) {
-    stats.push(["TTFT", milliseconds(timings.ttft_ms)]);
-    const cached = usage?.prompt_tokens_details?.cached_tokens;
-    stats.push(["Vision", milliseconds(timings.vision_ms) + (timings.vision_ms === 0 && cached ? " (cached)" : "")]);
-    stats.push(["Prefill", milliseconds(timings.prefill_ms)]);
-    stats.push(["Decode", `${timings.decode_tokens_per_s.toFixed(1)} tokens/s`]);
-  }
-  if (usage) {
+  const t = timings ?? {};
+  const cached = usage?.prompt_tokens_details?.cached_tokens;
+  if (number(t.ttft_ms)) stats.push(["TTFT", milliseconds(t.ttft_ms)]);
+  if (number(t.vision_ms)) stats.push(["Vision", milliseconds(t.vision_ms) + (t.vision_ms === 0 && cached ? " (cached)" : "")]);
+  if (number(t.prefill_ms)) stats.push(["Prefill", milliseconds(t.prefill_ms)]);
+  if (number(t.decode_tokens_per_s)) stats.push(["Decode", `${t.decode_tokens_per_s.toFixed(1)} tokens/s`]);
+  if (usage && number(usage.prompt_tokens) && number(usage.completion_tokens)) {
     stats.push(["Tokens", `${usage.prompt_tokens} prompt + ${usage.completion_tokens} completion`]);
   }
   return stats;
@@ -253,6 +253,16 @@ function atBottom() {
   return window.innerHeight + window.scrollY >= document.body.scrollHeight - 40;
 }
 
+/** Run a network step; its failure (not a stop by the user) becomes a ServerError saying `what`. */
+async function network(what, step) {
+  try {
+    return await step();
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    throw new ServerError(`${what} (${error.message}).`);
+  }
+}
+
 /** POST the history with stream: true; feed each delta to `onText`; resolve to {timings, usage}. */
 async function streamAnswer(messages, signal, onText) {
   const body = {
@@ -263,12 +273,14 @@ async function streamAnswer(messages, signal, onText) {
     max_tokens: Math.max(1, Math.floor(Number($("max-tokens").value) || 256)),
   };
   if (state.model) body.model = state.model;
-  const response = await fetch("v1/chat/completions", {
-    method: "POST",
-    headers: { "Content-Type": "application/json", ...authHeaders() },
-    body: JSON.stringify(body),
-    signal,
-  });
+  const response = await network("Could not reach the server", () =>
+    fetch("v1/chat/completions", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", ...authHeaders() },
+      body: JSON.stringify(body),
+      signal,
+    }),
+  );
   if (!response.ok) {
     const text = await response.text();
     throw new ServerError(describeFailure(response.status, response.statusText, text, response.headers.get("Retry-After")));
@@ -278,13 +290,18 @@ async function streamAnswer(messages, signal, onText) {
   const parser = new SSEParser();
   const result = { timings: null, usage: null };
   for (;;) {
-    const { value, done } = await reader.read();
+    const { value, done } = await network("The connection broke while the answer streamed", () => reader.read());
     const text = done ? decoder.decode() : decoder.decode(value, { stream: true });
     const events = parser.push(text);
     if (done) events.push(...parser.end());
     for (const data of events) {
       if (data === "[DONE]") return result;
-      const chunk = JSON.parse(data);
+      let chunk;
+      try {
+        chunk = JSON.parse(data);
+      } catch {
+        throw new ServerError(`The server sent an event that is not JSON: ${data.slice(0, 100)}`);
+      }
       const message = errorText(chunk);
       if (message !== null) throw new ServerError(`The answer stopped: ${message}`);
       const choice = chunk.choices?.[0];
@@ -319,16 +336,14 @@ async function ask(question) {
   state.controller = new AbortController();
   setBusy(true);
   let answer = "";
+  let result;
   try {
-    const { timings, usage } = await streamAnswer(state.history, state.controller.signal, (piece) => {
+    result = await streamAnswer(state.history, state.controller.signal, (piece) => {
       const follow = atBottom();
       answer += piece;
       answerText.textContent = answer;
       followIfAtBottom(follow);
     });
-    state.history.push({ role: "assistant", content: answer });
-    answerItem.dataset.state = "done";
-    renderStats(answerItem, number, timings, usage);
   } catch (error) {
     if (conversation !== state.conversation) {
       // "New conversation" aborted this turn and has already cleared the page.
@@ -337,25 +352,25 @@ async function ask(question) {
       state.history.push({ role: "assistant", content: answer });
       answerItem.dataset.state = "stopped";
     } else {
+      // Take the turn back: the question returns to the box, ready to send again.
       state.history.pop();
       questionItem.remove();
       answerItem.remove();
       if (!$("question").value) $("question").value = question;
       if (error.name !== "AbortError") {
-        showError(
-          error instanceof ServerError
-            ? error.message
-            : error instanceof TypeError
-              ? `Could not reach the server (${error.message}).`
-              : `Something went wrong: ${error.message}`,
-        );
+        if (!(error instanceof ServerError)) console.error(error); // a bug here: keep its stack
+        showError(error instanceof ServerError ? error.message : `Something went wrong in the page: ${error.message}`);
       }
     }
+    return;
   } finally {
     answerItem.removeAttribute("aria-busy");
     state.controller = null;
     setBusy(false);
   }
+  state.history.push({ role: "assistant", content: answer });
+  answerItem.dataset.state = "done";
+  renderStats(answerItem, number, result.timings, result.usage);
 }
 
 function setBusy(busy) {
