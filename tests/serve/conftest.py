@@ -26,7 +26,7 @@ def golden() -> dict[str, Any]:
     return json.loads(fixture_path(TINY, "golden.json").read_text())
 
 
-def png_bytes(size: tuple[int, int] = (40, 30), mode: str = "RGB", color: object = (200, 30, 10)) -> bytes:
+def png_bytes(size: tuple[int, int] = (8, 6), mode: str = "RGB", color: object = (200, 30, 10)) -> bytes:
     buffer = io.BytesIO()
     Image.new(mode, size, color).save(buffer, format="PNG")  # type: ignore[arg-type]
     return buffer.getvalue()
