@@ -15,7 +15,6 @@ A screenshot of the conversation is saved to ``test-artifacts/serve_page.png``.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import fixture_path
+from tests.serve.conftest import TINY, fixture_image_url, user_turn
 from tests.serve.live import live_server
 
 pytestmark = pytest.mark.browser
@@ -73,7 +73,7 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    with live_server(fixture_path("apple_fastvlm_tiny"), api_key=API_KEY) as base_url:
+    with live_server(fixture_path(TINY), api_key=API_KEY) as base_url:
         yield base_url
 
 
@@ -120,11 +120,6 @@ def api_answer(server: str, messages: list[dict]) -> dict:
     return body
 
 
-def image_data_url() -> str:
-    data = fixture_path("apple_fastvlm_tiny", "image.png").read_bytes()
-    return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
 def ask(page: Any, question: str, *, with_enter: bool = False) -> None:
     page.fill("#question", question)
     if with_enter:
@@ -142,19 +137,18 @@ def fill_settings(page: Any, *, api_key: str) -> None:
     page.press("#api-key", "Tab")
 
 
-def test_the_streamed_answers_equal_the_api_answers_and_the_conversation_continues(page, server):
+def test_the_streamed_answers_equal_the_api_answers_and_the_conversation_continues(page, server, golden):
     fill_settings(page, api_key=API_KEY)
     models = get_json(f"{server}/v1/models")
     page.wait_for_function("id => document.getElementById('model').textContent === id", arg=models["data"][0]["id"])
 
-    page.set_input_files("#image-input", str(fixture_path("apple_fastvlm_tiny", "image.png")))
+    page.set_input_files("#image-input", str(fixture_path(TINY, "image.png")))
     page.wait_for_selector("#thumbnail[src^='data:image/png;base64,']")
-    question = json.loads(fixture_path("apple_fastvlm_tiny", "golden.json").read_text())["question"]
+    question = golden["question"]
     ask(page, question)
     page.wait_for_selector("#answer-1[data-state='done']", timeout=ANSWER_TIMEOUT_MS)
 
-    image_part = {"type": "image_url", "image_url": {"url": image_data_url()}}
-    first_turn = [{"role": "user", "content": [image_part, {"type": "text", "text": question}]}]
+    first_turn = [user_turn(question, fixture_image_url())]
     expected = api_answer(server, first_turn)
     answer = expected["choices"][0]["message"]["content"]
     assert answer, "the fixture model answered nothing; the comparison would prove little"
@@ -169,7 +163,7 @@ def test_the_streamed_answers_equal_the_api_answers_and_the_conversation_continu
     follow_up = "And what colour is it?"
     ask(page, follow_up, with_enter=True)
     page.wait_for_selector("#answer-2[data-state='done']", timeout=ANSWER_TIMEOUT_MS)
-    history = [*first_turn, {"role": "assistant", "content": answer}, {"role": "user", "content": follow_up}]
+    history = [*first_turn, {"role": "assistant", "content": answer}, user_turn(follow_up)]
     assert page.text_content("#answer-2 .text") == api_answer(server, history)["choices"][0]["message"]["content"]
     assert page.is_hidden("#error")
 
@@ -184,7 +178,7 @@ def test_the_streamed_answers_equal_the_api_answers_and_the_conversation_continu
 def test_a_wrong_api_key_shows_the_servers_message_and_keeps_the_question(page, server):
     fill_settings(page, api_key="not-the-key")
     page.wait_for_function("() => document.getElementById('model').textContent.includes('API key')")
-    page.set_input_files("#image-input", str(fixture_path("apple_fastvlm_tiny", "image.png")))
+    page.set_input_files("#image-input", str(fixture_path(TINY, "image.png")))
     ask(page, "What is written on the sign?")
     page.wait_for_selector("#error:not([hidden])", timeout=ANSWER_TIMEOUT_MS)
 
