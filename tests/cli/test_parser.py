@@ -10,7 +10,7 @@ from fastvlm.cli.common import CHECKPOINT_FORMATS, LLM_SIZES
 COMMANDS = {
     *["predict", "chat", "convert", "info", "convert-tower", "init"],  # cli/model.py
     *["data", "train", "eval", "eval-rescore"],  # cli/data.py, cli/train.py, cli/eval.py
-    *["bench", "bench-ttft", "bench-train", "bench-eval", "bench-encoder"],  # cli/bench.py
+    *["bench", "bench-ttft", "bench-train", "bench-eval", "bench-encoder", "bench-gpu"],  # cli/bench.py
 }
 
 
