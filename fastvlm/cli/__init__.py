@@ -19,6 +19,7 @@ Subcommands:
   bench-train                              training throughput of a FastVLM-sized model (samples/s; also benchmarks/)
   bench-eval                               evaluation throughput by batch size (also benchmarks/eval_throughput.py)
   bench-encoder                            FastViTHD latency, unfused vs fused (also benchmarks/encoder_latency.py)
+  bench-gpu [--smoke]                      0.5B/1.5B/7B on a GPU vs transformers: encoder, TTFT, decode, memory
 
 One module per command group (:mod:`~fastvlm.cli.model`, :mod:`~fastvlm.cli.data`,
 :mod:`~fastvlm.cli.train`, :mod:`~fastvlm.cli.eval`, :mod:`~fastvlm.cli.serve`,
