@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test lint typecheck bench-encoder clean
+.PHONY: demo test test-browser lint typecheck bench-encoder clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,15 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
+# The browser lane (tests marked `browser`) runs apart, in test-browser: it needs a system Chromium.
 test: lint typecheck
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not browser"
+
+# The server's web page in headless Chromium, driven by Playwright (tests/serve/test_page.py).
+# Playwright cannot download its browser here: it uses the system one (`apt-get install -y chromium`,
+# or FASTVLM_CHROMIUM=/path/to/chromium); without it the tests fail and say so.
+test-browser: $(VENV)/.installed
+	$(PY) -m pytest -q -m browser tests/serve
 
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) results .pytest_cache test-artifacts

@@ -41,7 +41,7 @@ class TTFTRow:
     peak_mb: float | None
 
 
-def _prompt_ids(text_tokens: int, vocab: int, seed: int = 0) -> torch.Tensor:
+def prompt_ids(text_tokens: int, vocab: int, seed: int = 0) -> torch.Tensor:
     """A template-sized prompt: random text ids around one image marker."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(VOCAB_EDGE, vocab - VOCAB_EDGE, (text_tokens,), generator=gen)
@@ -70,7 +70,7 @@ def run_ttft_benchmark(
     """One row per resolution: medians of ``repeats`` generations after a warm-up, and one call's peak memory."""
     model = FastVLM.from_config(fastvlm_config(llm), device=device, dtype=dtype)
     model.vision_tower.fuse(dtype=dtype)
-    ids = _prompt_ids(text_tokens, model.config.text.vocab_size)
+    ids = prompt_ids(text_tokens, model.config.text.vocab_size)
     rows = []
     for resolution in tqdm(resolutions, desc="TTFT", unit="resolution", disable=not progress):
         pixels = torch.rand(1, 3, resolution, resolution)

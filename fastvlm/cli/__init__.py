@@ -19,6 +19,7 @@ Subcommands:
   bench-train                              training throughput of a FastVLM-sized model (samples/s; also benchmarks/)
   bench-eval                               evaluation throughput by batch size (also benchmarks/eval_throughput.py)
   bench-encoder                            FastViTHD latency, unfused vs fused (also benchmarks/encoder_latency.py)
+  bench-gpu [--smoke]                      0.5B/1.5B/7B on a GPU vs transformers: encoder, TTFT, decode, memory
   bench-serve --model M | --url U          load test (1/4/16/64 clients) and soak of an OpenAI-compatible server
 
 One module per command group (:mod:`~fastvlm.cli.model`, :mod:`~fastvlm.cli.data`,

@@ -2,7 +2,8 @@
 
 ``bench-ttft``, ``bench-train``, ``bench-eval`` and ``bench-encoder`` each print one
 markdown table headed by the machine it ran on, and write the rows as JSON with
-``--json`` (the scripts in ``benchmarks/`` call these commands). Arguments are
+``--json`` (the scripts in ``benchmarks/`` call these commands). ``bench-gpu`` writes
+its report (JSON and markdown) to a folder after every step, for short GPU loans. Arguments are
 checked before anything is built, so a bad resolution or device fails at once.
 
 ``bench-serve`` load-tests a server over HTTP instead of calling the model: one it
@@ -14,6 +15,7 @@ it lives in :mod:`~fastvlm.cli.bench_serve`.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import torch
 from fastvlm.cli import bench_serve
 from fastvlm.cli.common import (
     DTYPES,
+    LLM_SIZES,
     Subparsers,
     add_bench_devices,
     add_dtype,
@@ -43,6 +46,7 @@ def register(subparsers: Subparsers) -> None:
     _register_train(subparsers)
     _register_eval(subparsers)
     _register_encoder(subparsers)
+    _register_gpu(subparsers)
     bench_serve.register(subparsers)
 
 
@@ -304,3 +308,55 @@ def cmd_bench_encoder(args: argparse.Namespace) -> None:
         f"{args.warmup} warm-up"
     )
     print_benchmark(title, format_table(rows), rows, meta, args.json)
+
+
+# ------------------------------------------------------------------------------ bench-gpu
+
+
+def _register_gpu(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench-gpu",
+        help="FastVLM 0.5B/1.5B/7B on a GPU vs transformers: encoder, prefill, TTFT, decode, memory (random weights)",
+    )
+    p.add_argument("--sizes", nargs="+", choices=[*LLM_SIZES, "tiny"], help="default: 0.5b 1.5b 7b")
+    _add_resolutions(p, help="input sides in px; decode and memory at the first (default 1024 512)")
+    p.add_argument("--batch", type=int, help="the large decode batch (default 32; batch 1 is always measured)")
+    p.add_argument("--new-tokens", type=int, help="greedy tokens per decode measurement (default 64)")
+    p.add_argument("--text-tokens", type=int, help="text tokens around the image (default 32)")
+    p.add_argument("--repeats", type=int, help="timed calls per latency (default 10)")
+    p.add_argument("--budget-s", type=float, help="start no new step after this many seconds (default 300)")
+    p.add_argument("--compile-sizes", nargs="*", choices=[*LLM_SIZES, "tiny"], help="default: 7b 0.5b; none: skip")
+    p.add_argument("--compile-timeout-s", type=float, help="limit of one compiled-decode child process (default 150)")
+    p.add_argument("--no-transformers", action="store_true", help="measure our model only")
+    p.add_argument("--smoke", action="store_true", help="every step at toy sizes on the CPU, in seconds")
+    p.add_argument("--out", help="folder for gpu_speed.json and gpu_speed.md (default: $OUT, else results/gpu)")
+    p.set_defaults(func=cmd_bench_gpu)
+
+
+def cmd_bench_gpu(args: argparse.Namespace) -> None:
+    from fastvlm.bench.gpu import GpuSettings, run_gpu_benchmark, settings_with
+
+    if not args.smoke and not torch.cuda.is_available():
+        raise UsageError("bench-gpu needs a CUDA device; --smoke runs the same steps at toy sizes on the CPU")
+    if args.resolutions:
+        check_resolutions(args.resolutions)
+    if any(v is not None and v < 1 for v in (args.batch, args.new_tokens, args.repeats, args.text_tokens)):
+        raise UsageError("--batch, --new-tokens, --repeats and --text-tokens must be at least 1")
+    if args.new_tokens is not None and args.new_tokens < 2:
+        raise UsageError("--new-tokens must be at least 2 (one prefill token and one decode step)")
+    base = GpuSettings.smoke() if args.smoke else GpuSettings()
+    settings = settings_with(
+        base,
+        sizes=tuple(args.sizes) if args.sizes else None,
+        resolutions=tuple(args.resolutions) if args.resolutions else None,
+        batch=args.batch,
+        new_tokens=args.new_tokens,
+        text_tokens=args.text_tokens,
+        repeats=args.repeats,
+        budget_s=args.budget_s,
+        compile_sizes=tuple(args.compile_sizes) if args.compile_sizes is not None else None,
+        compile_timeout_s=args.compile_timeout_s,
+        transformers=False if args.no_transformers else None,
+    )
+    out = args.out or os.environ.get("OUT") or "results/gpu"
+    run_gpu_benchmark(settings, out)

@@ -32,7 +32,7 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint folder's name)")
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
     capacity = p.add_argument_group("capacity")
-    capacity.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
+    capacity.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together")
     capacity.add_argument("--max-queue", type=int, default=64, help="requests waiting; beyond it: 429")
     capacity.add_argument("--max-active-tokens", type=int, help="prompt+answer budget of admitted requests")
     capacity.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request; then 504")

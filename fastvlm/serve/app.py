@@ -336,8 +336,8 @@ async def read_json(request: Request, limit: int) -> Any:
             raise too_large
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RequestError(f"the request body is not valid JSON ({type(err).__name__})", code="invalid_json") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise RequestError("the request body is not valid UTF-8 JSON", code="invalid_json") from None
 
 
 async def answer_chat(request: Request, state: ServerState) -> Response:

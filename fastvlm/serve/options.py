@@ -31,7 +31,7 @@ class ServeOptions:
     dtype: str = "fp32"
     image_mode: str | None = None
     api_key: str | None = None  # None: /v1/* is open (fine on loopback; set one before binding elsewhere)
-    max_batch_size: int = 8
+    max_batch_size: int = 16
     max_queue: int = 64
     max_active_tokens: int | None = None  # None: max_batch_size x the model's context
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S

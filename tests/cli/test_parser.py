@@ -11,7 +11,7 @@ COMMANDS = {
     *["predict", "chat", "convert", "info", "convert-tower", "init"],  # cli/model.py
     *["data", "train", "eval", "eval-rescore"],  # cli/data.py, cli/train.py, cli/eval.py
     "serve",  # cli/serve.py
-    *["bench", "bench-ttft", "bench-train", "bench-eval", "bench-encoder"],  # cli/bench.py
+    *["bench", "bench-ttft", "bench-train", "bench-eval", "bench-encoder", "bench-gpu"],  # cli/bench.py
     "bench-serve",  # cli/bench_serve.py
 }
 

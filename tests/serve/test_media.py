@@ -7,7 +7,6 @@ fetch function with its test-only loopback allowance.
 
 from __future__ import annotations
 
-import base64
 import io
 import ipaddress
 import socket
@@ -22,16 +21,7 @@ from PIL import Image
 from fastvlm.errors import ConfigError, ImageError
 from fastvlm.serve import media
 from fastvlm.serve.media import MediaError, MediaPolicy, check_image_count, load_media
-
-
-def png_bytes(size: tuple[int, int] = (8, 6), mode: str = "RGB", color: object = (200, 30, 10)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new(mode, size, color).save(buffer, format="PNG")  # type: ignore[arg-type]
-    return buffer.getvalue()
-
-
-def data_url(raw: bytes, media_type: str = "image/png") -> str:
-    return f"data:{media_type};base64,{base64.b64encode(raw).decode()}"
+from tests.serve.conftest import data_url, png_bytes
 
 
 def refused(url: str, policy: MediaPolicy, **kwargs: object) -> MediaError:
