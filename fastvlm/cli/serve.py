@@ -35,6 +35,7 @@ def register(subparsers: Subparsers) -> None:
     capacity.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together")
     capacity.add_argument("--max-queue", type=int, default=64, help="requests waiting; beyond it: 429")
     capacity.add_argument("--max-active-tokens", type=int, help="prompt+answer budget of admitted requests")
+    capacity.add_argument("--max-prefill-tokens", type=int, default=2048, help="prompt tokens admitted per step")
     capacity.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request; then 504")
     capacity.add_argument("--max-request-bytes", type=int, default=32 * 2**20, help="request body limit (413)")
     capacity.add_argument("--feature-cache-entries", type=int, default=64, help="images whose features are kept")
@@ -105,6 +106,7 @@ def serve_options(args: argparse.Namespace, folder: str) -> ServeOptions:
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         max_active_tokens=args.max_active_tokens,
+        max_prefill_tokens=args.max_prefill_tokens,
         request_timeout_s=args.request_timeout,
         max_body_bytes=args.max_request_bytes,
         feature_cache_entries=args.feature_cache_entries,

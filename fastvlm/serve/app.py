@@ -92,7 +92,9 @@ class ServerState:
                     dtype=dtype_from_name(options.dtype),
                     image_mode=options.image_mode,
                 )
-            self.service = self._start(model)
+            service = self._start(model)
+            service.warm_up()
+            self.service = service
             log.info("model loaded; serving %s", self.options.model_name)
         except Exception:
             self.load_failed = True
@@ -105,6 +107,7 @@ class ServerState:
             max_batch_size=options.max_batch_size,
             max_queue=options.max_queue,
             max_active_tokens=options.max_active_tokens,
+            max_prefill_tokens=options.max_prefill_tokens,
         )
         self.metrics.watch_engine(lambda: engine.running, lambda: engine.waiting)
         cache = FeatureCache(max_entries=options.feature_cache_entries, max_bytes=options.feature_cache_bytes)

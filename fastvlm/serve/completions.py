@@ -95,6 +95,9 @@ class Completion:
         event = await self.next_event(disconnected)
         self._raise_failure(event)
         self._pending.append(event)
+        # The images were encoded before the first token: keep their features now, so that
+        # requests arriving while this one still decodes find them too.
+        self.service.remember(self.prepared, self.handle)
 
     async def pieces(self, disconnected: Disconnected = _never_disconnected) -> AsyncIterator[str]:
         """The answer's text pieces; sets ``finish_reason`` ("stop" or "length") at the end."""
@@ -116,7 +119,6 @@ class Completion:
                 rest = self.assembler.finish()
                 if rest:
                     yield rest
-        self.service.remember(self.prepared, self.handle)
 
     def _on_token(self, token: int) -> str:
         now = time.perf_counter()

@@ -12,7 +12,9 @@ Three bounds keep an overloaded server answering instead of growing: the waiting
 (``max_queue``; a full queue refuses at once, the HTTP layer's 429), the batch size, and
 ``max_active_tokens``, the prompt plus token budget of everything admitted (what the KV
 cache can grow to); a request waits until its budget fits. A request whose own budget
-exceeds the cap, or the context, is refused when it is submitted.
+exceeds the cap, or the context, is refused when it is submitted. Admission between two
+steps is also capped at ``max_prefill_tokens`` prompt tokens, so a burst of arrivals
+stalls the running sequences in short slices rather than one long prefill.
 
 Tokens reach the caller through an event sink (a thread-safe queue by default; the HTTP
 layer passes one that wakes its event loop), so the engine shares no state with its
@@ -43,6 +45,10 @@ if TYPE_CHECKING:
     from fastvlm.model import FastVLM
 
 IDLE_WAIT_S = 0.05  # how long the idle engine thread sleeps on the queue before checking for shutdown
+# Prompt tokens (visual included) admitted between two decode steps: the running sequences
+# wait while new ones prefill, so a burst of arrivals is admitted in slices of about this
+# size (one request always fits, however long).
+DEFAULT_MAX_PREFILL_TOKENS = 2048
 FINISH_REASONS = ("stop", "length", "cancelled", "timeout")
 
 
@@ -147,9 +153,11 @@ class Engine:
         max_batch_size: int = 8,
         max_queue: int = 64,
         max_active_tokens: int | None = None,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1:
-            raise ConfigError("max_batch_size and max_queue must be at least 1")
+        if max_batch_size < 1 or max_queue < 1 or max_prefill_tokens < 1:
+            raise ConfigError("max_batch_size, max_queue and max_prefill_tokens must be at least 1")
+        self.max_prefill_tokens = max_prefill_tokens
         context = model.config.context_length
         self.max_active_tokens = max_active_tokens or max_batch_size * context
         if self.max_active_tokens < 1:
@@ -242,6 +250,7 @@ class Engine:
         """The waiting requests that fit, in arrival order; expired or cancelled ones end here."""
         taken: list[RequestHandle] = []
         budget = self.max_active_tokens - self.active_tokens
+        prefill = 0
         with self._wakeup:
             if block and not self._waiting:
                 self._wakeup.wait(timeout=IDLE_WAIT_S)
@@ -254,8 +263,11 @@ class Engine:
                     continue
                 if handle.budget > budget:
                     break  # first come, first served: later requests wait behind it
+                if taken and prefill + handle.prompt_tokens > self.max_prefill_tokens:
+                    break  # the rest joins after the next decode step
                 self._waiting.popleft()
                 budget -= handle.budget
+                prefill += handle.prompt_tokens
                 taken.append(handle)
         return taken
 

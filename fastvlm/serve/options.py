@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 
 from fastvlm.errors import ConfigError
+from fastvlm.serve.engine import DEFAULT_MAX_PREFILL_TOKENS
 from fastvlm.serve.feature_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES
 from fastvlm.serve.media import MediaPolicy
 
@@ -34,6 +35,7 @@ class ServeOptions:
     max_batch_size: int = 16
     max_queue: int = 64
     max_active_tokens: int | None = None  # None: max_batch_size x the model's context
+    max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS  # prompt tokens admitted between two decode steps
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     feature_cache_entries: int = DEFAULT_MAX_ENTRIES

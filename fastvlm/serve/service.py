@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fastvlm.errors import CheckpointError
-from fastvlm.processing import tokenize_prompt
+from fastvlm.processing import DEFAULT_IMAGE_TOKEN, Conversation, tokenize_prompt
 from fastvlm.serve.engine import Engine, EventSink, GenerationRequest, RequestHandle
 from fastvlm.serve.feature_cache import FeatureCache, image_key
 from fastvlm.serve.media import MediaPolicy, Resolver, check_image_count, load_media
@@ -87,6 +87,19 @@ class ChatService:
             processor = self.model.image_processor
             request.pixel_values = torch.stack([processor.preprocess(image) for image, _ in loaded])
         return prepared
+
+    def warm_up(self) -> None:
+        """Run one short image request through encoder, prefill and decode, and forget it.
+
+        The first request of a process pays one-time costs (kernel and algorithm choices,
+        allocator growth, lazy initialisation); a server does this before it reports healthy,
+        so that no client's first answer pays them.
+        """
+        processor = self.model.image_processor
+        ids = tokenize_prompt(self.model.tokenizer, Conversation().add("user", f"{DEFAULT_IMAGE_TOKEN}\nHi").prompt())  # type: ignore[arg-type]
+        pixels = torch.zeros(1, 3, processor.size, processor.size, dtype=torch.float32)
+        request = GenerationRequest(input_ids=ids, pixel_values=pixels, max_new_tokens=2, ignore_eos=True)
+        self.engine.submit(request).tokens()
 
     def submit(self, prepared: PreparedChat, events: EventSink | None = None) -> RequestHandle:
         """Queue the request (PromptError: it cannot fit; QueueFullError: the queue is full)."""

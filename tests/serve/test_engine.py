@@ -80,3 +80,20 @@ def test_a_full_queue_and_a_prompt_past_the_context_are_refused(model):
         engine.submit(_request(model, "Hi", None, 4))
     with pytest.raises(PromptError, match="exceeds the model's context"):
         engine.submit(_request(model, "Hi", None, model.config.context_length))
+
+
+def test_a_burst_is_admitted_in_slices_of_the_prefill_budget(model):
+    def burst(engine: Engine) -> list:
+        handles = [engine.submit(_request(model, q, None, 3)) for q in ("Hi", "Hello there", "What?")]
+        engine.start()
+        try:
+            tokens = [h.tokens() for h in handles]
+        finally:
+            engine.stop()
+        return [(h.times.admitted, t) for h, t in zip(handles, tokens, strict=True)]
+
+    together = burst(Engine(model))
+    sliced = burst(Engine(model, max_prefill_tokens=1))  # one request per step, however small
+    assert len({admitted for admitted, _ in together}) == 1
+    assert len({admitted for admitted, _ in sliced}) == 3
+    assert [t for _, t in sliced] == [t for _, t in together]

@@ -151,6 +151,16 @@ def test_the_second_turn_about_the_same_image_is_served_from_the_feature_cache(c
     assert second.choices[0].message.content == expected.text
 
 
+def test_a_request_arriving_while_another_decodes_reuses_its_image_features(server, client, tiny_model):
+    image = data_url(png_bytes((30, 60), color=(90, 200, 30)))  # an image no other test sends
+    body = {"messages": [user_turn("Story?", image)], "max_tokens": 300, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as first:
+        lines = first.iter_lines()  # kept open: the first request is still decoding
+        next(lines)
+        second = client.chat.completions.create(model=TINY, messages=[user_turn("What is it?", image)], max_tokens=2)
+    assert second.usage.prompt_tokens_details.cached_tokens == tiny_model.config.num_image_tokens()
+
+
 def test_eight_concurrent_streams_each_get_their_answer_alone(client, tiny_model):
     cases = [
         ("Describe the picture in detail.", True, 12),
