@@ -28,7 +28,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,20 @@ def local_client(clients: int, *, timeout_s: float, api_key: str | None = None) 
         limits=httpx.Limits(max_connections=clients, max_keepalive_connections=clients),
         trust_env=False,
     )
+
+
+async def run_clients(
+    client_loop: Callable[[httpx.AsyncClient], Awaitable[None]],
+    clients: int,
+    *,
+    timeout_s: float,
+    api_key: str | None = None,
+) -> float:
+    """Run ``clients`` copies of ``client_loop`` over one shared connection pool; the wall time in seconds."""
+    start = time.perf_counter()
+    async with local_client(clients, timeout_s=timeout_s, api_key=api_key) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+    return time.perf_counter() - start
 
 
 def served_model_id(base_url: str, *, api_key: str | None = None) -> str | None:
@@ -329,10 +343,7 @@ async def run_level(
             results.append(await send_request(client, base_url, pending.pop()))
             bar.update()
 
-    start = time.perf_counter()
-    async with local_client(clients, timeout_s=request_timeout_s, api_key=api_key) as client:
-        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
-    wall = time.perf_counter() - start
+    wall = await run_clients(client_loop, clients, timeout_s=request_timeout_s, api_key=api_key)
     bar.close()
     return sorted(results, key=lambda r: r.index), wall, stopped
 

@@ -21,10 +21,8 @@ it levels off, and that ramp can weigh on the first hundred's mean. ``bench-serv
 
 from __future__ import annotations
 
-import asyncio
 import random
 import statistics
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,7 +31,7 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
-from fastvlm.bench.serve_load import RequestResult, check_local_url, local_client, send_request
+from fastvlm.bench.serve_load import RequestResult, check_local_url, run_clients, send_request
 from fastvlm.bench.serve_requests import INVALID_KINDS, PlannedRequest, Workload, is_shared
 
 RSS_WINDOW = 100  # completions averaged at each end of the soak
@@ -143,10 +141,7 @@ async def run_soak(
                 samples.append(rss)
             bar.update()
 
-    start = time.perf_counter()
-    async with local_client(clients, timeout_s=request_timeout_s, api_key=api_key) as client:
-        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
-    wall = time.perf_counter() - start
+    wall = await run_clients(client_loop, clients, timeout_s=request_timeout_s, api_key=api_key)
     bar.close()
     return summarize_soak(done, samples, wall, max_growth_pct=max_growth_pct)
 
