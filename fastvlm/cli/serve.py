@@ -13,40 +13,56 @@ import ipaddress
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from fastvlm.cli.common import Subparsers, add_model_loading_arguments, check_device
 from fastvlm.errors import UsageError
-
-if TYPE_CHECKING:
-    from fastvlm.serve.options import ServeOptions
+from fastvlm.processing import DEFAULT_MAX_PIXELS
+from fastvlm.serve.media import MediaPolicy
+from fastvlm.serve.options import ServeOptions
 
 API_KEY_ENV = "FASTVLM_API_KEY"
+MIB = 2**20
+# Every limit's default is the one ServeOptions and MediaPolicy define (one place for each).
+SERVE_DEFAULTS = ServeOptions(model="")
 
 
 def register(subparsers: Subparsers) -> None:
+    serve, media = SERVE_DEFAULTS, SERVE_DEFAULTS.media
     p = subparsers.add_parser("serve", help="an OpenAI-compatible server (chat completions, page, metrics)")
     add_model_loading_arguments(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default=serve.host, help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=serve.port)
     p.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint folder's name)")
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
-    capacity = p.add_argument_group("capacity")
-    capacity.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together")
-    capacity.add_argument("--max-queue", type=int, default=64, help="requests waiting; beyond it: 429")
-    capacity.add_argument("--max-active-tokens", type=int, help="prompt+answer budget of admitted requests")
-    capacity.add_argument("--max-prefill-tokens", type=int, default=2048, help="prompt tokens admitted per step")
-    capacity.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request; then 504")
-    capacity.add_argument("--max-request-bytes", type=int, default=32 * 2**20, help="request body limit (413)")
-    capacity.add_argument("--feature-cache-entries", type=int, default=64, help="images whose features are kept")
-    capacity.add_argument("--feature-cache-mb", type=int, default=256, help="memory for kept image features")
-    media = p.add_argument_group("media safety")
-    media.add_argument("--limit-images-per-prompt", type=int, default=1)
-    media.add_argument("--max-image-bytes", type=int, default=20 * 2**20, help="encoded size limit per image (413)")
-    media.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image URLs (off by default)")
-    media.add_argument("--allowed-media-domains", default="", help="comma-separated hosts remote images may come from")
-    media.add_argument("--allowed-local-media-path", help="serve file:// image URLs from inside this folder only")
-    media.add_argument("--media-fetch-timeout", type=float, default=5.0, help="seconds per remote image")
+    group = p.add_argument_group("capacity")
+    group.add_argument("--max-batch-size", type=int, default=serve.max_batch_size, help="sequences decoded together")
+    group.add_argument("--max-queue", type=int, default=serve.max_queue, help="requests waiting; beyond it: 429")
+    group.add_argument("--max-active-tokens", type=int, help="prompt+answer budget of admitted requests")
+    group.add_argument(
+        "--max-prefill-tokens", type=int, default=serve.max_prefill_tokens, help="prompt tokens admitted per step"
+    )
+    group.add_argument(
+        "--request-timeout", type=float, default=serve.request_timeout_s, help="seconds per request; then 504"
+    )
+    group.add_argument("--max-request-bytes", type=int, default=serve.max_body_bytes, help="request body limit (413)")
+    group.add_argument(
+        "--feature-cache-entries", type=int, default=serve.feature_cache_entries, help="images whose features are kept"
+    )
+    group.add_argument(
+        "--feature-cache-mb", type=int, default=serve.feature_cache_bytes // MIB, help="memory for kept image features"
+    )
+    group = p.add_argument_group("media safety")
+    group.add_argument("--limit-images-per-prompt", type=int, default=media.limit_images_per_prompt)
+    group.add_argument(
+        "--max-image-bytes", type=int, default=media.max_image_bytes, help="encoded size limit per image (413)"
+    )
+    group.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image URLs (off by default)")
+    group.add_argument("--allowed-media-domains", default="", help="comma-separated hosts remote images may come from")
+    group.add_argument("--allowed-local-media-path", help="serve file:// image URLs from inside this folder only")
+    group.add_argument(
+        "--media-fetch-timeout", type=float, default=media.fetch_timeout_s, help="seconds per remote image"
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 
@@ -71,12 +87,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def serve_options(args: argparse.Namespace, folder: str) -> ServeOptions:
     """The :class:`ServeOptions` the flags describe (``folder``: the resolved checkpoint)."""
-    from pathlib import Path
-
-    from fastvlm.processing import DEFAULT_MAX_PIXELS
-    from fastvlm.serve.media import MediaPolicy
-    from fastvlm.serve.options import ServeOptions
-
     domains = frozenset(d.strip() for d in args.allowed_media_domains.split(",") if d.strip())
     if domains and not args.allow_remote_media:
         raise UsageError("--allowed-media-domains needs --allow-remote-media")
@@ -110,7 +120,7 @@ def serve_options(args: argparse.Namespace, folder: str) -> ServeOptions:
         request_timeout_s=args.request_timeout,
         max_body_bytes=args.max_request_bytes,
         feature_cache_entries=args.feature_cache_entries,
-        feature_cache_bytes=args.feature_cache_mb * 2**20,
+        feature_cache_bytes=args.feature_cache_mb * MIB,
         media=policy,
     )
 

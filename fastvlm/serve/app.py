@@ -16,7 +16,6 @@ exception text can leak memory addresses or paths).
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
 import json
 import logging
@@ -38,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastvlm.dtypes import dtype_from_name
 from fastvlm.errors import FastVLMError, ImageError, PromptError
-from fastvlm.serve.completions import ClientGone, Completion, GenerationFailed, GenerationTimeout, LoopSink
+from fastvlm.serve.completions import ClientGone, Completion, GenerationTimeout, LoopSink
 from fastvlm.serve.engine import Engine, QueueFullError
 from fastvlm.serve.feature_cache import FeatureCache
 from fastvlm.serve.media import MediaError, Resolver
@@ -93,7 +92,11 @@ class ServerState:
                     image_mode=options.image_mode,
                 )
             service = self._start(model)
-            service.warm_up()
+            try:
+                service.warm_up()
+            except Exception:
+                service.engine.stop()  # no engine thread outlives a failed start
+                raise
             self.service = service
             log.info("model loaded; serving %s", self.options.model_name)
         except Exception:
@@ -123,9 +126,9 @@ class ServerState:
 
     def ready(self) -> ChatService:
         if self.service is None:
-            state = "failed to load" if self.load_failed else "is still loading"
+            state = "failed to load (see the server log)" if self.load_failed else "is still loading; retry shortly"
             raise RequestError(
-                f"the model {state}; retry shortly",
+                f"the model {state}",
                 status=503,
                 error_type="service_unavailable",
                 code="model_loading" if not self.load_failed else "model_unavailable",
@@ -165,12 +168,13 @@ def classify(exc: BaseException) -> ErrorAnswer:
         return ErrorAnswer(504, "timeout_error", str(exc), None, "request_timeout")
     if isinstance(exc, ImageError):
         return ErrorAnswer(422, INVALID_REQUEST, "the image could not be used", "messages", "invalid_image")
-    if isinstance(exc, FastVLMError) and not isinstance(exc, GenerationFailed):
+    if isinstance(exc, FastVLMError):
         return ErrorAnswer(400, INVALID_REQUEST, str(exc), None, None)
     return ErrorAnswer(500, "internal_error", "the server failed while answering this request", None, "internal_error")
 
 
-def error_response(exc: BaseException, request_id: str) -> JSONResponse:
+def logged_error(exc: BaseException, request_id: str) -> tuple[ErrorAnswer, dict]:
+    """Classify ``exc``, log its detail under ``request_id``, and build the error body the client gets."""
     answer = classify(exc)
     if answer.status >= 500:
         log.error("request %s failed (%d)", request_id, answer.status, exc_info=exc)
@@ -182,6 +186,11 @@ def error_response(exc: BaseException, request_id: str) -> JSONResponse:
         param=answer.param,
         code=answer.code,
     )
+    return answer, body
+
+
+def error_response(exc: BaseException, request_id: str) -> JSONResponse:
+    answer, body = logged_error(exc, request_id)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if answer.retry else None
     return JSONResponse(body, status_code=answer.status, headers=headers)
 
@@ -399,35 +408,35 @@ async def stream_chat(
     completion: Completion, *, model: str, include_usage: bool, request_id: str
 ) -> AsyncIterator[str]:
     """The SSE body: a role chunk, content chunks, the finish chunk (with timings), usage, ``[DONE]``."""
-    chunk = functools.partial(
-        completion_chunk, completion_id=new_completion_id(), model=model, created=int(time.time())
-    )
+    completion_id, created = new_completion_id(), int(time.time())
+
+    def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict:
+        return completion_chunk(
+            completion_id=completion_id,
+            model=model,
+            created=created,
+            delta=delta,
+            finish_reason=finish_reason,
+            include_usage=include_usage,
+        )
+
     try:
-        yield sse(chunk(delta={"role": "assistant", "content": ""}, include_usage=include_usage))
+        yield sse(chunk({"role": "assistant", "content": ""}))
         async for piece in completion.pieces():
-            yield sse(chunk(delta={"content": piece}, include_usage=include_usage))
-        final = chunk(delta={}, finish_reason=completion.finish_reason or "length", include_usage=include_usage)
+            yield sse(chunk({"content": piece}))
+        final = chunk({}, finish_reason=completion.finish_reason or "length")
         final["timings"] = completion.timings()
         yield sse(final)
         if include_usage:
-            yield sse(
-                usage_chunk(
-                    completion_id=chunk.keywords["completion_id"],
-                    model=model,
-                    created=chunk.keywords["created"],
-                    usage=completion.usage(),
-                )
-            )
+            yield sse(usage_chunk(completion_id=completion_id, model=model, created=created, usage=completion.usage()))
         completion.record(200)
     except ClientGone:
         completion.record("cancelled")
         return
     except Exception as exc:  # after the 200 header: the error goes into the stream, as OpenAI does
-        answer = classify(exc)
+        answer, body = logged_error(exc, request_id)
         completion.record(answer.status)
-        log.error("request %s failed mid-stream (%d)", request_id, answer.status, exc_info=exc)
-        message = f"{answer.message} (request id {request_id})"
-        yield sse(error_body(message, error_type=answer.error_type, code=answer.code))
+        yield sse(body)
     finally:
         completion.handle.cancel()  # no-op once finished; frees the slot if the client went away
         completion.record("cancelled")  # no-op when an outcome was recorded above

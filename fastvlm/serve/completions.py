@@ -135,10 +135,6 @@ class Completion:
         if kind == "done" and value == "timeout":
             raise GenerationTimeout("the request took longer than the server's request timeout")
 
-    @property
-    def text(self) -> str:
-        return self.assembler.text
-
     def usage(self) -> Usage:
         return Usage(
             prompt_tokens=self.handle.prompt_tokens,

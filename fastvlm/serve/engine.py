@@ -38,6 +38,7 @@ from fastvlm.errors import ConfigError, FastVLMError, PromptError
 from fastvlm.generation import Sampler, stop_token_ids
 from fastvlm.processing import extra_visual_tokens, pad_sequences
 from fastvlm.serve.batch import DecodeBatch
+from fastvlm.serve.options import DEFAULT_MAX_PREFILL_TOKENS
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -45,11 +46,6 @@ if TYPE_CHECKING:
     from fastvlm.model import FastVLM
 
 IDLE_WAIT_S = 0.05  # how long the idle engine thread sleeps on the queue before checking for shutdown
-# Prompt tokens (visual included) admitted between two decode steps: the running sequences
-# wait while new ones prefill, so a burst of arrivals is admitted in slices of about this
-# size (one request always fits, however long).
-DEFAULT_MAX_PREFILL_TOKENS = 2048
-FINISH_REASONS = ("stop", "length", "cancelled", "timeout")
 
 
 class QueueFullError(FastVLMError):

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 
 from fastvlm.errors import ConfigError
-from fastvlm.serve.engine import DEFAULT_MAX_PREFILL_TOKENS
 from fastvlm.serve.feature_cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES
 from fastvlm.serve.media import MediaPolicy
 
@@ -18,6 +17,10 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20  # a 20 MiB image is ~27 MiB of base64
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
+# Prompt tokens (visual included) admitted between two decode steps: the running sequences
+# wait while new ones prefill, so a burst of arrivals is admitted in slices of about this
+# size (one request always fits, however long).
+DEFAULT_MAX_PREFILL_TOKENS = 2048
 
 
 @dataclass(frozen=True)

@@ -59,10 +59,6 @@ class ChatService:
         # Features depend on the bytes and on how they are preprocessed and encoded.
         self.cache_variant = f"{processor.size}:{processor.mode}:{model.dtype}"
 
-    @property
-    def tokens_per_image(self) -> int:
-        return self.engine.tokens_per_image
-
     def prepare(self, chat: ChatRequest) -> PreparedChat:
         """Fetch and decode the images, look up their features, tokenise; MediaError/PromptError on bad input."""
         check_image_count(len(chat.image_urls), self.media)
@@ -82,7 +78,7 @@ class ChatService:
         prepared = PreparedChat(request=request, cache_keys=keys if self.feature_cache is not None else [])
         if loaded and cached and all(c is not None for c in cached):
             request.image_features = torch.stack([c for c in cached if c is not None])
-            prepared.cached_tokens = len(cached) * self.tokens_per_image
+            prepared.cached_tokens = len(cached) * self.engine.tokens_per_image
         elif loaded:
             processor = self.model.image_processor
             request.pixel_values = torch.stack([processor.preprocess(image) for image, _ in loaded])

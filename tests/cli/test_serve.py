@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
+from fastvlm.bench.serve_process import ServerProcess, free_port, serve_command, wait_until_healthy
 from fastvlm.cli import build_parser, main
 from fastvlm.cli.serve import serve_options
 from fastvlm.errors import UsageError
 from tests.conftest import fixture_path
-from tests.serve.live import free_port
 
 
 def _args(*flags: str):
@@ -79,36 +76,19 @@ def test_a_missing_checkpoint_is_one_line_before_anything_starts(capsys):
     assert len(err) == 1 and "checkpoint folder not found" in err[0]
 
 
-def test_the_command_serves_the_fixture_model_and_stops_on_sigint():
+def test_the_command_serves_the_fixture_model_and_stops_on_sigint(tmp_path):
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "fastvlm.cli",
-        "serve",
-        "--model",
-        str(fixture_path("hf_fastvlm_tiny")),
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE)
+    command = serve_command(fixture_path("hf_fastvlm_tiny"), port, ["--log-level", "warning"])
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    server = ServerProcess(base_url=f"http://127.0.0.1:{port}", pid=process.pid, log_path=log_path)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become healthy"
-            time.sleep(0.2)
-        models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+        wait_until_healthy(server, process, timeout_s=120)
+        models = httpx.get(f"{server.base_url}/v1/models").json()
         assert [m["id"] for m in models["data"]] == ["hf_fastvlm_tiny"]
         answer = httpx.post(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
+            f"{server.base_url}/v1/chat/completions",
             json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
             timeout=60,
         )

@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -57,3 +59,10 @@ def user_turn(text: str, *image_urls: str) -> dict[str, Any]:
         return {"role": "user", "content": text}
     parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def metric(base_url: str, name: str) -> float:
+    """The value of an unlabelled metric in the server's /metrics text."""
+    match = re.search(rf"^{name} (\S+)$", httpx.get(f"{base_url}/metrics", timeout=10).text, re.M)
+    assert match is not None, f"{name} is not in /metrics"
+    return float(match.group(1))

@@ -7,7 +7,6 @@ cleanly. :func:`live_server` waits until ``/health`` answers 200.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import uvicorn
 
+from fastvlm.bench.serve_process import free_port
 from fastvlm.serve.app import create_app
 from fastvlm.serve.options import ServeOptions
 
@@ -24,12 +24,6 @@ if TYPE_CHECKING:
     from fastvlm.model import FastVLM
 
 START_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

@@ -20,9 +20,9 @@ import openai
 import pytest
 
 from fastvlm.generation import prepare_prompt
-from fastvlm.processing import Conversation, tokenize_prompt
+from fastvlm.processing import Conversation, load_image, tokenize_prompt
 from tests.conftest import fixture_path
-from tests.serve.conftest import TINY, data_url, fixture_image_url, png_bytes, user_turn
+from tests.serve.conftest import TINY, data_url, fixture_image_url, metric, png_bytes, user_turn
 from tests.serve.live import live_server
 
 
@@ -144,8 +144,6 @@ def test_the_second_turn_about_the_same_image_is_served_from_the_feature_cache(c
     # The cached features give the answer the encoder would have given.
     conversation = Conversation().add("user", "<image>\nWhat is it?").add("assistant", first.choices[0].message.content)
     conversation.add("user", "Are you sure?")
-    from fastvlm.processing import load_image
-
     pixels = tiny_model.image_processor.preprocess(load_image(png_bytes((50, 40), color=(10, 120, 240))))[None]
     expected = tiny_model.generate(prompt=conversation.prompt(), pixel_values=pixels, max_new_tokens=4)
     assert second.choices[0].message.content == expected.text
@@ -196,22 +194,17 @@ def test_eight_concurrent_streams_each_get_their_answer_alone(client, tiny_model
     assert [results[i] for i in range(len(cases))] == expected
 
 
-def running_requests(server: str) -> float:
-    metrics = httpx.get(f"{server}/metrics", timeout=10).text
-    return float(re.search(r"^fastvlm_num_requests_running (\S+)$", metrics, re.M).group(1))
-
-
 def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
     body = {"messages": [user_turn("Write a long story.")], "max_tokens": 2000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         for _ in range(6):
             next(lines)
-        assert running_requests(server) == 1
+        assert metric(server, "fastvlm_num_requests_running") == 1
     deadline = time.monotonic() + 10
-    while running_requests(server) and time.monotonic() < deadline:
+    while metric(server, "fastvlm_num_requests_running") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert running_requests(server) == 0
+    assert metric(server, "fastvlm_num_requests_running") == 0
 
 
 def test_stop_sequences_end_the_answer_before_them(client, tiny_model):

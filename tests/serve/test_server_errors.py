@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import fixture_path
-from tests.serve.conftest import TINY, data_url, fixture_image_url, png_bytes, user_turn
+from tests.serve.conftest import TINY, data_url, fixture_image_url, metric, png_bytes, user_turn
 from tests.serve.live import live_server
 
 CHAT = "/v1/chat/completions"
@@ -112,8 +112,6 @@ BAD_REQUESTS = {  # name: (body, status, code, param)
 @pytest.mark.parametrize("name", list(BAD_REQUESTS))
 def test_bad_requests_get_the_right_status_and_the_server_stays_healthy(server, name):
     body, status, code, param = BAD_REQUESTS[name]
-    if body.get("max_tokens", 2) != 2 or "n" in body or "model" in body:
-        body = {**body, "max_tokens": body["max_tokens"]} if "max_tokens" in body else body
     assert_error(post(server, body), status, code=code, param=param)
     assert httpx.get(f"{server}/health").status_code == 200
 
@@ -160,12 +158,6 @@ def test_a_remote_url_resolving_to_loopback_is_refused_even_for_an_allowed_domai
         assert_error(post(url, ask("http://other.example.com/cat.png")), 400, code="media_domain_not_allowed")
 
 
-def gauge(url: str, name: str) -> float:
-    match = re.search(rf"^{name} (\S+)$", httpx.get(f"{url}/metrics", timeout=10).text, re.M)
-    assert match is not None, name
-    return float(match.group(1))
-
-
 def test_a_full_queue_is_429_with_retry_after(tiny_model):
     with live_server(str(fixture_path(TINY)), model=tiny_model, max_batch_size=1, max_queue=1) as url:
         long = {"messages": [user_turn("Story?")], "max_tokens": 3000, "ignore_eos": True, "stream": True}
@@ -175,7 +167,7 @@ def test_a_full_queue_is_429_with_retry_after(tiny_model):
             waiting = threading.Thread(target=lambda: post(url, {**long, "max_tokens": 1, "stream": False}))
             waiting.start()  # ... the second waits ...
             deadline = time.monotonic() + 10
-            while gauge(url, "fastvlm_num_requests_waiting") < 1 and time.monotonic() < deadline:
+            while metric(url, "fastvlm_num_requests_waiting") < 1 and time.monotonic() < deadline:
                 time.sleep(0.02)
             response = post(url, ask())  # ... and the third finds the queue full
             assert_error(response, 429, code="queue_full")
