@@ -120,7 +120,10 @@ def read_state_dict_shapes(path: Path) -> dict[str, torch.Tensor]:
             shapes = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
     except Exception as err:  # a truncated or foreign file: say which
         raise CheckpointError(f"cannot read checkpoint file {path}: {type(err).__name__}: {err}") from None
-    return {k: torch.empty(shape, dtype=_SAFETENSORS_DTYPES.get(dtype, torch.float32), device="meta") for k, (shape, dtype) in shapes.items()}
+    return {
+        k: torch.empty(shape, dtype=_SAFETENSORS_DTYPES.get(dtype, torch.float32), device="meta")
+        for k, (shape, dtype) in shapes.items()
+    }
 
 
 def read_json(path: Path) -> dict:

@@ -117,7 +117,7 @@ class FastVLMForVLLM(nn.Module, SupportsMultiModal):
                 ours = names.get(name)
                 if ours is None:
                     raise CheckpointError(
-                        f"tensor {name!r} of {self.checkpoint.folder} was not in the checkpoint's index when it was read"
+                        f"tensor {name!r} of {self.checkpoint.folder} was not in the checkpoint when it was described"
                     )
                 if ours.startswith(LANGUAGE_MODEL):
                     yield ours[len(LANGUAGE_MODEL) :], tensor
