@@ -60,10 +60,11 @@ class FastVLMForVLLM(nn.Module, SupportsMultiModal):
         self.checkpoint = describe_checkpoint(vllm_config.model_config.model)
         config = self.checkpoint.config
         self.config = config
-        with self._mark_tower_model(vllm_config, "image"):
+        # (the context managers come from SupportsMultiModal, unknown to mypy without vLLM installed)
+        with self._mark_tower_model(vllm_config, "image"):  # type: ignore[operator]
             self.vision_tower = FastViT(config.vision)
             self.projector = MultiModalProjector(config.vision.out_channels, config.hidden_size, config.projector_depth)
-        with self._mark_language_model(vllm_config):
+        with self._mark_language_model(vllm_config):  # type: ignore[operator]
             self.language_model = init_vllm_registered_model(
                 vllm_config=vllm_config,
                 hf_config=config.text,

@@ -22,12 +22,15 @@ gives our own engine.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import torch
+from PIL import Image
 from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import MultiModalDataItems
+from vllm.multimodal.media import MediaWithBytes
+from vllm.multimodal.parse import ImageProcessorItems, ModalityDataItems, MultiModalDataItems, MultiModalDataParser
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
     BaseMultiModalProcessor,
@@ -43,6 +46,30 @@ from fastvlm.processing import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, ImageProc
 IMAGES_PER_PROMPT = 1  # FastVLM is trained on one image per conversation
 
 
+class OriginalImages(ImageProcessorItems):
+    """A prompt's images as the user sent them, for our image processor to decode.
+
+    vLLM's loader decodes downloaded images and flattens transparency onto white; the
+    authors' preprocessing (and ours, and so FastVLM.generate) drops the alpha channel
+    instead. Handing our processor the original bytes keeps the two engines' pixels equal.
+    """
+
+    def get_processor_data(self) -> Mapping[str, object]:
+        return {"images": [item.original_bytes if isinstance(item, MediaWithBytes) else item for item in self.data]}
+
+
+class FastVLMDataParser(MultiModalDataParser):
+    """vLLM's parser, except that images reach our processor unconverted (see :class:`OriginalImages`)."""
+
+    def _parse_image_data(self, data: Any) -> ModalityDataItems[Any, Any] | None:
+        if data is None or self.is_embeddings(data):
+            return super()._parse_image_data(data)
+        one = isinstance(data, (Image.Image, MediaWithBytes)) or (
+            isinstance(data, (np.ndarray, torch.Tensor)) and data.ndim == 3
+        )
+        return OriginalImages([data] if one else list(data))
+
+
 class FastVLMProcessingInfo(BaseProcessingInfo):
     """The checkpoint's facts, as vLLM's processor asks for them."""
 
@@ -54,6 +81,12 @@ class FastVLMProcessingInfo(BaseProcessingInfo):
     def image_processor(self) -> ImageProcessor:
         config = self.facts.config
         return ImageProcessor(config.image_size, config.image_mode)
+
+    def get_data_parser(self) -> MultiModalDataParser:
+        return FastVLMDataParser(
+            expected_hidden_size=self._get_expected_hidden_size(),
+            allow_missing_mm_embeddings=self.allow_missing_mm_embeddings,
+        )
 
     def get_hf_processor(self, **kwargs: object) -> Any:
         """FastVLM checkpoints have no transformers processor: the images go through ours."""
@@ -88,9 +121,9 @@ class FastVLMMultiModalProcessor(BaseMultiModalProcessor[FastVLMProcessingInfo])
     """Pixels from our image processor; each ``<image>`` becomes (side/64)^2 placeholder ids."""
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        images = hf_data.get("images") or []
+        images = cast(Sequence[Any], hf_data.get("images") or [])
         processor = self.info.image_processor
-        pixels = [processor(image) for image in images]  # type: ignore[union-attr]
+        pixels = [processor(image) for image in images]
         return BatchFeature({"pixel_values": torch.stack(pixels)} if pixels else {})
 
     def _get_mm_fields_config(
@@ -123,7 +156,7 @@ class FastVLMMultiModalProcessor(BaseMultiModalProcessor[FastVLMProcessingInfo])
         text = tokenizer.decode(prompt, skip_special_tokens=False)
         if DEFAULT_IMAGE_TOKEN not in text:
             return prompt
-        ids = tokenize_prompt(tokenizer, text)  # type: ignore[arg-type]
+        ids = tokenize_prompt(tokenizer, text)
         return [placeholder if t == IMAGE_TOKEN_INDEX else t for t in ids]
 
     def apply(self, inputs: Any, timing_ctx: Any) -> Any:

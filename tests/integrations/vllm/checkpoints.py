@@ -8,6 +8,11 @@ broken image path or position bug pass a token-equality test. So the weights are
 at scales that keep the signal alive through every layer (He-style for the tower, unit
 layer scales, a wide decoder): each image and prompt then gives its own varied answer,
 which the tests check before comparing engines.
+
+The fixture's tokenizer is byte-level: a random answer would mostly be bytes that are no
+whole UTF-8 character, whose text has no single right value (a streaming server holds
+partial characters back; a one-shot decode shows U+FFFD). The output rows of those
+tokens are zeroed, so greedy answers are readable text and servers' texts compare exactly.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ def build_model(seed: int = 0) -> FastVLM:
     for param in model.language_model.parameters():
         if param.dim() == 2:
             draw(param, DECODER_STD)
+    partial = [i for i in range(len(model.tokenizer)) if "\ufffd" in model.tokenizer.decode([i])]
+    model.language_model.get_output_embeddings().weight[partial] = 0.0  # never the argmax: see above
     return model.eval()
 
 
