@@ -18,6 +18,8 @@ from fastvlm.files import resolve_checkpoint
 from fastvlm.formats import Checkpoint, read_checkpoint, vocab_image_token
 from fastvlm.processing import DEFAULT_IMAGE_TOKEN
 
+IMAGES_PER_PROMPT = 1  # FastVLM is trained on one image per conversation; the processor, server and engine say so
+
 
 @dataclass(frozen=True)
 class CheckpointFacts:

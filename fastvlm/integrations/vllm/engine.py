@@ -35,7 +35,7 @@ from fastvlm.errors import CheckpointError, PromptError, UsageError
 from fastvlm.files import resolve_checkpoint
 from fastvlm.formats import CheckpointFormat, load_tokenizer
 from fastvlm.generation import GenerationResult, end_of_answer_ids, prepare_prompt
-from fastvlm.integrations.vllm.checkpoint import describe_checkpoint
+from fastvlm.integrations.vllm.checkpoint import IMAGES_PER_PROMPT, describe_checkpoint
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -68,8 +68,6 @@ class VLLMEngine:
     ) -> None:
         from vllm import LLM
         from vllm.platforms import current_platform
-
-        from fastvlm.integrations.vllm.processing import IMAGES_PER_PROMPT
 
         folder = resolve_checkpoint(model)
         checkpoint = describe_checkpoint(str(folder))

@@ -40,10 +40,8 @@ from vllm.multimodal.processing import (
 )
 
 from fastvlm.errors import PromptError
-from fastvlm.integrations.vllm.checkpoint import CheckpointFacts, checkpoint_facts
+from fastvlm.integrations.vllm.checkpoint import IMAGES_PER_PROMPT, CheckpointFacts, checkpoint_facts
 from fastvlm.processing import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, ImageProcessor, tokenize_prompt
-
-IMAGES_PER_PROMPT = 1  # FastVLM is trained on one image per conversation
 
 
 class OriginalImages(ImageProcessorItems):

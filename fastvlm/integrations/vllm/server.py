@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 
 from fastvlm.errors import UsageError
 from fastvlm.integrations.vllm.chat_template import CHAT_TEMPLATE
+from fastvlm.integrations.vllm.checkpoint import IMAGES_PER_PROMPT
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 PLUGIN_GROUP, PLUGIN_NAME = "vllm.general_plugins", "fastvlm"  # pyproject.toml's entry point
 TESTED_VLLM_VERSIONS = "0.32.x"  # pyproject.toml's vllm extra
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 NO_REMOTE_MEDIA_DOMAIN = "remote-media-disabled.invalid"
-MAX_IMAGES_PER_PROMPT = 1  # the plugin's limit (fastvlm.integrations.vllm.processing)
 CHAT_TEMPLATE_SHOWN = "<fastvlm chat template>"  # what the printed command shows instead of the template
 INSTALL_HINT = (
     "vLLM is not installed in this Python environment; install it in an environment of its own: "
@@ -67,7 +67,7 @@ class VLLMServerSettings:
     max_num_seqs: int | None = None  # sequences decoded together (our --max-batch-size)
     max_num_batched_tokens: int | None = None  # tokens per engine step (our --max-prefill-tokens)
     tensor_parallel_size: int | None = None
-    images_per_prompt: int = MAX_IMAGES_PER_PROMPT
+    images_per_prompt: int = IMAGES_PER_PROMPT
     allowed_local_media_path: str | None = None  # None: file:// image URLs refused
     allowed_media_domains: tuple[str, ...] = ()  # hosts http(s) images may come from; empty: none
     media_fetch_timeout_s: float | None = None
@@ -78,10 +78,9 @@ class VLLMServerSettings:
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in VLLM_DTYPES:
             raise UsageError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(VLLM_DTYPES)}")
-        if not 0 <= self.images_per_prompt <= MAX_IMAGES_PER_PROMPT:
+        if not 0 <= self.images_per_prompt <= IMAGES_PER_PROMPT:
             raise UsageError(
-                f"FastVLM under vLLM takes at most {MAX_IMAGES_PER_PROMPT} image per prompt, "
-                f"not {self.images_per_prompt}"
+                f"FastVLM under vLLM takes at most {IMAGES_PER_PROMPT} image per prompt, not {self.images_per_prompt}"
             )
         counts = (self.max_model_len, self.max_num_seqs, self.max_num_batched_tokens, self.tensor_parallel_size)
         if any(count is not None and count < 1 for count in counts):
