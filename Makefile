@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-browser lint typecheck bench-encoder clean
+.PHONY: demo test test-browser test-vllm lint typecheck bench-encoder clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,7 @@ typecheck: $(VENV)/.installed
 
 # The browser lane (tests marked `browser`) runs apart, in test-browser: it needs a system Chromium.
 test: lint typecheck
-	$(PY) -m pytest -q -m "not browser"
+	$(PY) -m pytest -q -m "not browser" --ignore=tests/integrations/vllm
 
 # The server's web page in headless Chromium, driven by Playwright (tests/serve/test_page.py).
 # Playwright cannot download its browser here: it uses the system one (`apt-get install -y chromium`,
@@ -37,5 +37,17 @@ test: lint typecheck
 test-browser: $(VENV)/.installed
 	$(PY) -m pytest -q -m browser tests/serve
 
+# The vLLM lane: our plugin inside vLLM's CPU build, in its own environment (.venv-vllm, built by
+# integrations/vllm_env.sh: vLLM pins its own transformers). Greedy tokens against FastVLM.generate,
+# the OpenAI server, tensor parallelism, `fastvlm eval/serve --engine vllm` (tests/integrations/vllm).
+VLLM_VENV ?= .venv-vllm
+
+$(VLLM_VENV)/.installed: pyproject.toml integrations/vllm_env.sh
+	VENV=$(VLLM_VENV) PYTHON=$(PYTHON) bash integrations/vllm_env.sh
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q tests/integrations/vllm
+
 clean:
-	rm -rf $(VENV) results .pytest_cache test-artifacts
+	rm -rf $(VENV) $(VLLM_VENV) results .pytest_cache test-artifacts

@@ -38,6 +38,19 @@ WEIGHT_PATTERNS = (
 # Hidden names of folders in the middle of being written or deleted.
 STAGING_SUFFIX = ".staging"
 DELETING_SUFFIX = ".deleting"
+# safetensors' dtype names (in file headers) as torch dtypes, for meta tensors.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -60,8 +73,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read checkpoint file {path}: {type(err).__name__}: {err}") from None
 
 
-def read_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder: model.safetensors, sharded safetensors (with an index) or pytorch_model*.bin."""
+def read_checkpoint_tensors(folder: Path, *, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a folder: model.safetensors, sharded safetensors (with an index) or pytorch_model*.bin.
+
+    ``shapes_only`` gives tensors on the meta device (names, shapes and dtypes, no data):
+    safetensors files are read from their headers only, so describing a 7B checkpoint
+    costs no memory.
+    """
+    read = read_state_dict_shapes if shapes_only else read_state_dict
+    tensors: dict[str, torch.Tensor] = {}
+    for file in checkpoint_weight_files(folder):
+        tensors.update(read(file))
+    return tensors
+
+
+def checkpoint_weight_files(folder: Path) -> list[Path]:
+    """The weight files a checkpoint folder is read from (the shards its index names, when it has one)."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
@@ -72,21 +99,31 @@ def read_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise CheckpointNotFoundError(f"{index} names shard files that are missing: {', '.join(missing)}")
-            return _read_all([folder / shard for shard in shards])
+            return [folder / shard for shard in shards]
     for pattern in ("model.safetensors", "model*.safetensors", "pytorch_model.bin", "pytorch_model*.bin"):
         files = sorted(folder.glob(pattern))
         if files:
-            return _read_all(files)
+            return files
     raise CheckpointNotFoundError(
         f"{folder} has no weights (model.safetensors, model*.safetensors or pytorch_model*.bin)"
     )
 
 
-def _read_all(files: list[Path]) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        tensors.update(read_state_dict(file))
-    return tensors
+def read_state_dict_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weight file as meta tensors (a safetensors file's header is all that is read)."""
+    if path.suffix != ".safetensors":
+        return {k: torch.empty_like(v, device="meta") for k, v in read_state_dict(path).items()}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+    except Exception as err:  # a truncated or foreign file: say which
+        raise CheckpointError(f"cannot read checkpoint file {path}: {type(err).__name__}: {err}") from None
+    return {
+        k: torch.empty(shape, dtype=_SAFETENSORS_DTYPES.get(dtype, torch.float32), device="meta")
+        for k, (shape, dtype) in shapes.items()
+    }
 
 
 def read_json(path: Path) -> dict:

@@ -132,10 +132,15 @@ class Sampler:
 
 def stop_token_ids(model: FastVLM) -> set[int]:
     """Token ids that end an answer: the config's and generation config's EOS, and the end of turn."""
+    eos = (model.config.text.eos_token_id, getattr(model, "generation_eos_token_id", None))
+    return end_of_answer_ids(model.tokenizer, *eos)
+
+
+def end_of_answer_ids(tok: PreTrainedTokenizerBase | None, *eos: int | list[int] | None) -> set[int]:
+    """The ``eos`` ids (each an id, a list of ids or None), and the tokenizer's end of turn and EOS."""
     ids: set[int] = set()
-    for eos in (model.config.text.eos_token_id, getattr(model, "generation_eos_token_id", None)):
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    tok = model.tokenizer
+    for value in eos:
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
     if tok is not None:
         end = tok.convert_tokens_to_ids(TURN_END)
         if isinstance(end, int) and end != tok.unk_token_id:

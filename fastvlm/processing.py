@@ -44,6 +44,7 @@ TURN_START = "<|im_start|>"
 TURN_END = "<|im_end|>"
 ROLES = ("user", "assistant")
 
+_ORIENTATION_INFO = ("exif", "xmp", "XML:com.adobe.xmp")  # where PIL keeps the orientation exif_transpose reads
 _PIL_LIMIT_LOCK = threading.Lock()  # guards the swap of PIL's global pixel limit in load_image
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
@@ -92,8 +93,23 @@ def load_image(
         except (OSError, SyntaxError) as err:
             raise ImageError(f"cannot read image {path}: the file is truncated or corrupt ({err})") from None
     if exif_transpose:
-        img = ImageOps.exif_transpose(img)
-    return to_rgb(img)
+        return to_rgb(ImageOps.exif_transpose(img))
+    return _without_orientation(to_rgb(img))
+
+
+def _without_orientation(img: Image.Image) -> Image.Image:
+    """``img`` with its orientation metadata dropped, so that no later step rotates it after all.
+
+    A PIL image passed on (to ``generate``, to vLLM) is decoded again by :func:`load_image`,
+    which would apply the EXIF/XMP orientation the caller chose to keep stored.
+    """
+    if not any(key in img.info for key in _ORIENTATION_INFO) and 0x0112 not in img.getexif():
+        return img
+    img = img.copy()
+    for key in _ORIENTATION_INFO:
+        img.info.pop(key, None)
+    img.getexif().pop(0x0112, None)
+    return img
 
 
 def _check_size(img: Image.Image, max_pixels: int | None, name: object) -> None:

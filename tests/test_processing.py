@@ -97,6 +97,19 @@ def test_exif_orientation_is_applied(tmp_path):
     assert upright[:18].mean() > 200 and upright[22:].mean() < 50  # white top half
 
 
+def test_a_kept_orientation_stays_kept_when_the_image_is_decoded_again(tmp_path):
+    """The benchmarks' loader keeps the stored orientation; the model's processor must not rotate it later."""
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rot.jpg"
+    img.save(path, exif=exif, quality=95)
+    stored = load_image(path, exif_transpose=False)
+    assert stored.size == (40, 20)
+    assert load_image(stored).size == (40, 20)  # what generate() and the vLLM processor do with a PIL image
+    assert load_image(path).size == (20, 40)  # the file itself still reads upright by default
+
+
 @pytest.mark.parametrize(
     "make",
     [

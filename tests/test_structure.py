@@ -26,7 +26,7 @@ LAYERS = [
     {"fastvlm.model", "fastvlm.generation"},
     {"fastvlm.train", "fastvlm.eval", "fastvlm.serve"},
     {"fastvlm.bench"},
-    {"fastvlm.cli"},
+    {"fastvlm.cli", "fastvlm.integrations"},
 ]
 
 

@@ -112,9 +112,19 @@ class PlannedRequest:
 
 
 def chat_body(
-    image_url: str, question: str, *, max_tokens: int, stream: bool, model: str | None = None
+    image_url: str,
+    question: str,
+    *,
+    max_tokens: int,
+    stream: bool,
+    model: str | None = None,
+    ignore_eos: bool = False,
 ) -> dict[str, Any]:
-    """A chat-completions body: one user turn with the image then the question (usage streamed too)."""
+    """A chat-completions body: one user turn with the image then the question (usage streamed too).
+
+    ``ignore_eos`` (vLLM's extension, which our server takes too) makes every answer exactly
+    ``max_tokens`` long, so that two servers compared generate the same number of tokens.
+    """
     body: dict[str, Any] = {
         "messages": [
             {
@@ -130,6 +140,8 @@ def chat_body(
         body["stream_options"] = {"include_usage": True}
     if model is not None:
         body["model"] = model
+    if ignore_eos:
+        body["ignore_eos"] = True
     return body
 
 
@@ -144,11 +156,12 @@ class Workload:
         shared_fraction: float = 0.0,
         model: str | None = None,
         seed: int = 0,
+        ignore_eos: bool = False,
     ) -> None:
         if not 0.0 <= shared_fraction <= 1.0:
             raise ValueError(f"shared_fraction must be between 0 and 1, got {shared_fraction}")
         self.image_size, self.max_tokens, self.shared_fraction = image_size, max_tokens, shared_fraction
-        self.model, self.seed = model, seed
+        self.model, self.seed, self.ignore_eos = model, seed, ignore_eos
         self._shared_url: str | None = None
 
     @property
@@ -170,7 +183,9 @@ class Workload:
         shared = is_shared(index, self.shared_fraction) if shared is None else shared
         question = QUESTIONS[index % len(QUESTIONS)]
         url = self.image_url(index, shared=shared)
-        body = chat_body(url, question, max_tokens=self.max_tokens, stream=stream, model=self.model)
+        body = chat_body(
+            url, question, max_tokens=self.max_tokens, stream=stream, model=self.model, ignore_eos=self.ignore_eos
+        )
         return PlannedRequest(
             index=index, body=json.dumps(body).encode(), stream=stream, shared_image=shared, max_tokens=self.max_tokens
         )

@@ -4,4 +4,5 @@ import sys
 
 from fastvlm.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # vLLM's engine processes may re-import the main module (spawn)
+    sys.exit(main())

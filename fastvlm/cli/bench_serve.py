@@ -1,11 +1,12 @@
 """``fastvlm bench-serve``: the serving load test and soak (registered with the other bench commands).
 
 The server is one this command starts (``--model``: ``fastvlm serve`` as a child process
-on a free 127.0.0.1 port, stopped at the end) or one already running on this machine
-(``--url``). Levels of concurrent clients run first, then the soak when ``--soak N`` is
-given; each writes JSON and markdown to ``--out`` and prints the markdown. The machine's
-load averages before and after each phase are recorded, since on a small machine a
-neighbour's work shows in the figures.
+on a free 127.0.0.1 port, stopped at the end; with ``--engine vllm``, ``fastvlm serve
+--engine vllm``: vLLM's server) or one already running on this machine (``--url``). Levels
+of concurrent clients run first, then the soak when ``--soak N`` is given; each writes
+JSON and markdown to ``--out`` and prints the markdown. The machine's load averages before
+and after each phase are recorded, since on a small machine a neighbour's work shows in
+the figures.
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ def register(subparsers: Subparsers) -> None:
         metavar="ARG",
         help="with --model: pass ARG on to fastvlm serve (repeat it; write --serve-arg=--max-batch-size=16)",
     )
+    p.add_argument(
+        "--engine",
+        choices=["fastvlm", "vllm"],
+        help="with --model: the server fastvlm serve starts (default: fastvlm, ours; vllm: vLLM's, with the plugin)",
+    )
+    p.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="with --engine vllm: pass ARG on to vLLM's server, after fastvlm serve's -- (--vllm-arg=--enforce-eager)",
+    )
     p.add_argument("--server-pid", type=int, help="with --url: the server's PID, to sample its resident memory")
     p.add_argument("--api-key", help="sent as a bearer token")
     p.add_argument(
@@ -60,6 +73,9 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--image-size", type=int, default=512, help="side of the generated images in px")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--shared-image-fraction", type=float, default=0.25, help="requests that reuse one image")
+    p.add_argument(
+        "--ignore-eos", action="store_true", help="ask for exactly --max-tokens tokens per answer (vLLM's ignore_eos)"
+    )
     p.add_argument("--soak", type=int, metavar="N", help="the soak: N requests, a fifth of them invalid")
     p.add_argument("--soak-clients", type=int, default=8)
     p.add_argument("--soak-invalid-fraction", type=float, default=0.2)
@@ -98,8 +114,10 @@ def _check_serve_args(args: argparse.Namespace) -> None:
         )
     if not 0 <= args.shared_image_fraction <= 1 or not 0 <= args.soak_invalid_fraction <= 1:
         raise UsageError("--shared-image-fraction and --soak-invalid-fraction must be between 0 and 1")
-    if args.serve_arg and not args.model:
-        raise UsageError("--serve-arg applies to a server that bench-serve starts (--model), not to --url")
+    if (args.serve_arg or args.engine) and not args.model:
+        raise UsageError("--serve-arg and --engine apply to a server that bench-serve starts (--model), not to --url")
+    if args.vllm_arg and args.engine != "vllm":
+        raise UsageError("--vllm-arg applies to vLLM's server: add --engine vllm")
 
 
 @contextlib.contextmanager
@@ -111,8 +129,10 @@ def _target_server(args: argparse.Namespace, out: Path) -> Iterator[tuple[str, i
     if args.url:
         yield check_local_url(args.url), args.server_pid
         return
-    print(f"starting fastvlm serve --model {args.model} (log: {out / 'server.log'})")
-    with local_server(args.model, log_path=out / "server.log", serve_args=args.serve_arg) as server:
+    engine = ["--engine", args.engine] if args.engine else []
+    serve_args = [*engine, *args.serve_arg, *(["--", *args.vllm_arg] if args.vllm_arg else [])]
+    print(f"starting {' '.join(['fastvlm', 'serve', '--model', args.model, *serve_args])} (log: {out / 'server.log'})")
+    with local_server(args.model, log_path=out / "server.log", serve_args=serve_args) as server:
         yield server.base_url, server.pid
 
 
@@ -147,11 +167,15 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
             shared_fraction=args.shared_image_fraction,
             model=model_id,
             seed=args.seed,
+            ignore_eos=args.ignore_eos,
         )
         meta = machine_description() | {
             "server": base_url,
             "model": args.model or model_id,
+            "engine": (args.engine or "fastvlm") if args.model else None,  # None: a server at --url
             "serve_args": args.serve_arg,
+            "vllm_args": args.vllm_arg,
+            "ignore_eos": args.ignore_eos,
             "image_size": args.image_size,
             "max_tokens": args.max_tokens,
             "shared_image_fraction": args.shared_image_fraction,

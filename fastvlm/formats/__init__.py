@@ -96,14 +96,16 @@ class Checkpoint:
         return self._original_names.get(key) or self.format.keys_from_ours([key], self.config.vision)[key]
 
 
-def read_checkpoint(folder: Path) -> Checkpoint:
+def read_checkpoint(folder: Path, *, shapes_only: bool = False) -> Checkpoint:
     """The config and tensors of a checkpoint folder in any format (tokenizer excluded).
 
     The tower's architecture is read from its tensors; the unused CLIP head
     (``head.proj``) is kept when present, so that checkpoints round-trip.
+    ``shapes_only`` reads no tensor data (the tensors are meta tensors): enough for the
+    config, the names and the shapes, as an engine that loads the weights itself needs.
     """
     raw, fmt = read_checkpoint_config(folder)
-    tensors = read_checkpoint_tensors(folder)
+    tensors = read_checkpoint_tensors(folder, shapes_only=shapes_only)
     names = fmt.keys_to_ours(tensors)
     ours = {names[k]: v for k, v in tensors.items()}
     tower = {k[len(OUR_TOWER_PREFIX) :]: v for k, v in ours.items() if k.startswith(OUR_TOWER_PREFIX)}

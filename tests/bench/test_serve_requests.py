@@ -84,3 +84,10 @@ def test_images_are_seeded():
 def test_request_indices_start_at_zero():
     with pytest.raises(ValueError, match="start at 0"):
         Workload(image_size=64, max_tokens=4).valid(-1)
+
+
+def test_ignore_eos_is_asked_for_only_when_wanted():
+    plain = json.loads(Workload(image_size=32, max_tokens=5).valid(0).body)
+    exact = json.loads(Workload(image_size=32, max_tokens=5, ignore_eos=True).valid(0).body)
+    assert "ignore_eos" not in plain and exact["ignore_eos"] is True
+    assert parse_chat_request(exact).sampling.ignore_eos

@@ -20,6 +20,8 @@ from tests.conftest import fixture_path
         (["--url", "http://127.0.0.1:9", "--max-tokens", "0"], "must be positive"),
         (["--url", "http://127.0.0.1:9", "--shared-image-fraction", "1.5"], "between 0 and 1"),
         (["--url", "http://127.0.0.1:9", "--serve-arg=--max-batch-size=4"], "not to --url"),
+        (["--url", "http://127.0.0.1:9", "--engine", "vllm"], "not to --url"),
+        (["--model", "m", "--vllm-arg=--enforce-eager"], "add --engine vllm"),
     ],
 )
 def test_bad_flags_are_one_line_errors(args, message, capsys):

@@ -14,8 +14,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 SHORT = "\nAnswer the question using a single word or phrase."
@@ -42,6 +40,9 @@ def cell(color: tuple[int, int, int]) -> dict:
 
 
 def write_parquet(path: Path, rows: list[dict]) -> None:
+    import pyarrow as pa  # here, so that the LLaVA-folder builders also run where pyarrow is missing (the vLLM lane)
+    import pyarrow.parquet as pq
+
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)
 
