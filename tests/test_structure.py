@@ -24,7 +24,7 @@ LAYERS = [
     {"fastvlm.processing", "fastvlm.presets", "fastvlm.config"},
     {"fastvlm.formats"},
     {"fastvlm.model", "fastvlm.generation"},
-    {"fastvlm.train", "fastvlm.eval", "fastvlm.serve"},
+    {"fastvlm.train", "fastvlm.eval", "fastvlm.serve", "fastvlm.export"},
     {"fastvlm.bench"},
     {"fastvlm.cli", "fastvlm.integrations"},
 ]
