@@ -42,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=8, help="prompts (each with a random image)")
     parser.add_argument("--steps", type=int, default=16, help="fp32 greedy tokens per prompt")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per latency median")
+    parser.add_argument("--data", type=Path, help="held-out JSONL (examples/): adds exact match of greedy answers")
     parser.add_argument("--out", type=Path, default=Path("results/export_quality"))
     return parser.parse_args()
 
@@ -75,15 +76,17 @@ def main() -> int:
     image_size = read_json(onnx_dir / "preprocessor_config.json")["crop_size"]["height"]
     tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
     samples = make_samples(tokenizer, image_size, args.samples)
-    rows = measure(onnx_dir, variants, samples, steps=args.steps, repeats=args.repeats)
+    stop = read_json(onnx_dir / "generation_config.json").get("eos_token_id", [])
+    stop = [stop] if isinstance(stop, int) else stop
+    data = (args.data, tokenizer) if args.data else None
+    rows, ref_logits = measure(
+        onnx_dir, variants, samples, steps=args.steps, repeats=args.repeats, stop=stop, data=data
+    )
     reference = [s.continuation for s in samples]
     quantizations = [q for q in args.torchao.split(",") if q]
     if quantizations:
-        from fastvlm.bench.export_quality import OnnxGraphs
-
-        fp32 = OnnxGraphs(onnx_dir, "fp32")
-        ref_logits = [fp32.teacher_forced(s) for s in samples]
-        rows += measure_torch(args.model, [None, *quantizations], samples, ref_logits, repeats=args.repeats)
+        torch_rows = [None, *quantizations]
+        rows += measure_torch(args.model, torch_rows, samples, ref_logits, repeats=args.repeats, data=args.data)
 
     settings = {
         "model": str(args.model),
@@ -91,6 +94,7 @@ def main() -> int:
         "samples": args.samples,
         "steps": args.steps,
         "repeats": args.repeats,
+        "data": str(args.data) if args.data else None,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "continuations": reference,
     }

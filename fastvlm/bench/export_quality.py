@@ -178,6 +178,30 @@ def onnx_folder_bytes(folder: Path, variant: str) -> int:
     return sum(graph_bytes(variant_path(folder, graph, variant)) for graph in GRAPHS)
 
 
+def onnx_exact_match(graphs: OnnxGraphs, folder: Path, data_file: Path, tokenizer: object) -> float:
+    """Greedy answers (16 tokens at most, as ``fastvlm data score``) equal to the records' answers."""
+    from fastvlm.files import read_json
+    from fastvlm.processing import DEFAULT_IMAGE_TOKEN, ImageProcessor, build_prompt, tokenize_prompt
+    from fastvlm.train.data import iter_records
+
+    config = read_json(folder / "config.json")
+    stop = read_json(folder / "generation_config.json").get("eos_token_id", [])
+    stop = [stop] if isinstance(stop, int) else list(stop)
+    size = read_json(folder / "preprocessor_config.json")["crop_size"]["height"]
+    processor = ImageProcessor(size, config.get("image_aspect_ratio", "pad"))
+    hits = []
+    for record in iter_records(data_file, strict=True):
+        question = record.turns[0][1].replace(DEFAULT_IMAGE_TOKEN, "").strip()
+        sample = Sample(
+            ids=tokenize_prompt(tokenizer, build_prompt(question)),  # type: ignore[arg-type]
+            pixel_values=processor(record.image)[None].numpy(),  # type: ignore[arg-type]
+        )
+        tokens = [t for t in graphs.greedy(sample, 16, stop) if t not in stop]
+        answer = tokenizer.decode(tokens, skip_special_tokens=True)  # type: ignore[attr-defined]
+        hits.append(answer.strip() == record.turns[1][1].strip())
+    return sum(hits) / max(len(hits), 1)
+
+
 # ----------------------------------------------------------------------------- torchao rows
 
 
@@ -243,9 +267,14 @@ def measure(
     steps: int,
     repeats: int,
     stop: Sequence[int] = (),
+    data: tuple[Path, object] | None = None,
     log: Callable[[str], None] = print,
-) -> list[Row]:
-    """fp32 first (it sets the continuations), then each variant, in this one process."""
+) -> tuple[list[Row], list[np.ndarray]]:
+    """fp32 first (it sets the continuations), then each variant, in this one process.
+
+    Returns the rows and fp32's teacher-forced logits (the reference of the torch rows).
+    ``data`` (a JSONL file in the training format and the tokenizer) adds exact match.
+    """
     reference = OnnxGraphs(folder, "fp32")
     for sample in samples:
         sample.continuation = reference.greedy(sample, steps, stop) or [0]
@@ -256,8 +285,10 @@ def measure(
         vision, decode = onnx_latency(graphs, samples[0], repeats)
         top1, kl = agreement_and_kl(ref_logits, [graphs.teacher_forced(s) for s in samples])
         rows.append(Row(variant, "onnxruntime", onnx_folder_bytes(folder, variant), vision, decode, top1, kl))
+        if data is not None:
+            rows[-1].exact_match = onnx_exact_match(graphs, folder, *data)
         log(format_row(rows[-1]))
-    return rows
+    return rows, ref_logits
 
 
 def measure_torch(
@@ -267,6 +298,7 @@ def measure_torch(
     reference: list[np.ndarray],
     *,
     repeats: int,
+    data: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Row]:
     """The PyTorch rows, against the same fp32 ONNX distributions and continuations."""
@@ -276,23 +308,30 @@ def measure_torch(
         vision, decode = model.latency(samples[0], repeats)
         top1, kl = agreement_and_kl(reference, [model.teacher_forced(s) for s in samples])
         rows.append(Row(model.variant, "torch", model.total_bytes(), vision, decode, top1, kl))
+        if data is not None:
+            from fastvlm.train.synth import exact_match
+
+            rows[-1].exact_match = exact_match(model.model, data, progress=False)["accuracy"]
         log(format_row(rows[-1]))
         del model
     return rows
 
 
 HEADER = (
-    "| variant | runtime | size (MB) | vision encoder (ms) | decode (ms/token) "
-    "| top-1 agreement | mean KL (nats) |\n|---|---|---:|---:|---:|---:|---:|"
+    "| variant | runtime | size (MB) | vision encoder (ms) | decode (ms/token) | top-1 agreement | mean KL (nats) |"
 )
 
 
 def format_row(row: Row) -> str:
-    return (
+    line = (
         f"| {row.variant} | {row.runtime} | {row.bytes / 1e6:,.1f} | {row.vision_ms:,.1f} "
         f"| {row.decode_ms:,.1f} | {row.top1_agreement:.3f} | {row.kl:.4f} |"
     )
+    return line if row.exact_match is None else f"{line} {row.exact_match:.1%} |"
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
-    return "\n".join([HEADER, *(format_row(row) for row in rows)])
+    scored = any(row.exact_match is not None for row in rows)
+    header = HEADER + (" exact match |" if scored else "")
+    rule = "|---|---|" + "---:|" * (header.count("|") - 3)
+    return "\n".join([header, rule, *(format_row(row) for row in rows)])

@@ -29,7 +29,8 @@ own tools; nothing here touches a weight by hand:
 
 Variant names are checked before anything is written; an unknown one is a ``ConfigError``
 listing the valid names. Graphs over protobuf's 2 GB limit are read and written with their
-weights in an external-data file (``<name>.onnx_data``), as the fp32 export does.
+weights in an external-data file, ``<name>.onnx_data`` (the name Transformers.js fetches in
+browsers); whatever name the fp32 graph's external data has, onnx reads it.
 """
 
 from __future__ import annotations
