@@ -31,7 +31,9 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("model", help="checkpoint folder (authors', transformers' or ours) or hub id")
     p.add_argument("out", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--image-size", type=int, help="input side, a multiple of 64 (default: the checkpoint's)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp16", help="weights and compute (default: fp16)")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32", help="weights and compute (default: fp32, the authors')"
+    )
     p.add_argument(
         "--input",
         choices=INPUT_KINDS,

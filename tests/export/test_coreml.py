@@ -252,7 +252,7 @@ def test_fastvlm_export_coreml_writes_the_folder_at_the_size_asked(tmp_path, cap
     from fastvlm.cli import main
 
     out = tmp_path / "out"
-    argv = ["export", "coreml", str(fixture_path(APPLE)), str(out), "--image-size", "128", "--precision", "fp32"]
+    argv = ["export", "coreml", str(fixture_path(APPLE)), str(out), "--image-size", "128"]  # fp32 by default
     assert main(argv) == 0
     assert "image_features 1x4x64, fp32" in capsys.readouterr().out
     info = json.loads((out / coreml.INFO_FILE).read_text())
