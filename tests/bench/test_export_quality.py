@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from fastvlm.bench.export_quality import Row, agreement_and_kl, make_samples, markdown_table, median_ms
+from fastvlm.bench.export_quality import (
+    OnnxGraphs,
+    Row,
+    Sample,
+    agreement_and_kl,
+    make_samples,
+    markdown_table,
+    measure,
+    median_ms,
+)
 from fastvlm.processing import IMAGE_TOKEN_INDEX
 from tests.conftest import fixture_path
 
@@ -42,3 +54,49 @@ def test_median_ms_times_each_call() -> None:
 def test_table_has_one_line_per_row() -> None:
     rows = [Row("q4", "onnxruntime", 317_000_000, 120.0, 15.5, 0.912, 0.0831)]
     assert markdown_table(rows).splitlines()[-1] == "| q4 | onnxruntime | 317.0 | 120.0 | 15.5 | 0.912 | 0.0831 |"
+
+
+# ----------------------------------------------------------------------------- on a real export
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The authors'-format tiny fixture exported to ONNX, with every quantized variant."""
+    from fastvlm.export.onnx import export_onnx
+    from fastvlm.export.quantize import VARIANTS, write_variants
+
+    folder = export_onnx(fixture_path("apple_fastvlm_tiny"), tmp_path_factory.mktemp("tiny") / "onnx")
+    write_variants(folder, VARIANTS)
+    return folder
+
+
+def test_the_graphs_driven_here_reproduce_the_fixtures_greedy_tokens(tiny_export: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from fastvlm.processing import ImageProcessor, tokenize_prompt
+
+    golden = json.loads(fixture_path("apple_fastvlm_tiny", "golden.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_export)
+    pixels = ImageProcessor(256, "pad")(fixture_path("apple_fastvlm_tiny", "image.png"))[None].numpy()
+    sample = Sample(ids=tokenize_prompt(tokenizer, golden["prompt"]), pixel_values=pixels)
+    greedy = OnnxGraphs(tiny_export, "fp32").greedy(sample, len(golden["greedy_token_ids"]))
+    assert greedy == golden["greedy_token_ids"]
+
+
+# Measured on the tiny fixture (4 prompts x 8 tokens, onnxruntime 1.32): top-1 agreement /
+# mean KL: fp16 1.000 / 2e-6, int8 0.938 / 0.0019, uint8 0.938 / 0.0016, q4 and q4f16 0.781 /
+# 0.072. The bounds leave room above each, and the 8-bit bounds would reject the 4-bit rows.
+BOUNDS = {"fp16": (0.95, 1e-3), "int8": (0.85, 0.01), "uint8": (0.85, 0.01), "q4": (0.6, 0.25), "q4f16": (0.6, 0.25)}
+
+
+def test_every_variant_stays_near_fp32_on_the_tiny_model(tiny_export: Path) -> None:
+    from transformers import AutoTokenizer
+
+    samples = make_samples(AutoTokenizer.from_pretrained(tiny_export), 256, 4)
+    rows, _ = measure(tiny_export, list(BOUNDS), samples, steps=8, repeats=1, log=lambda line: None)
+    assert [row.variant for row in rows] == ["fp32", *BOUNDS]
+    assert (rows[0].top1_agreement, rows[0].kl) == (1.0, 0.0)
+    for row in rows[1:]:
+        agreement, kl = BOUNDS[row.variant]
+        assert row.top1_agreement >= agreement and row.kl <= kl, row
+        assert row.bytes < rows[0].bytes
