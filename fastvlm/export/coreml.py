@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastvlm.config import FastVLMConfig
 from fastvlm.errors import ConfigError, OutputExistsError
 from fastvlm.files import atomic_dir
 from fastvlm.model import FastVLM
@@ -151,19 +152,19 @@ def export_coreml(
         raise OutputExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     ct = import_coremltools()
     start = time.perf_counter()
-    model = FastVLM.from_pretrained(model_path, fuse=True)
-    size = image_size or model.config.image_size
-    check_image_size(size, model.config.vision.stride)
-    mlmodel = convert(model, size, precision=precision, input_kind=input_kind, ct=ct)
+    encoder, config, source = load_encoder(model_path)
+    size = image_size or config.image_size
+    check_image_size(size, config.vision.stride)
+    mlmodel = convert(capture(encoder, size), size, precision=precision, input_kind=input_kind, ct=ct)
     result = CoreMLExport(
         out=str(out),
         image_size=size,
-        image_mode=model.config.image_mode,
+        image_mode=config.image_mode,
         input_kind=input_kind,
-        tokens=model.config.num_image_tokens(size),
-        hidden_size=model.config.hidden_size,
+        tokens=config.num_image_tokens(size),
+        hidden_size=config.hidden_size,
         precision=precision,
-        source=str(model.source_path),
+        source=source,
         seconds=0.0,
     )
     with atomic_dir(out) as staging:
@@ -188,14 +189,30 @@ def import_coremltools() -> Any:
     return coremltools
 
 
-def convert(model: FastVLM, image_size: int, *, precision: str, input_kind: str, ct: Any) -> Any:
-    """The encoder of ``model`` at ``image_size`` as a coremltools ``MLModel`` (not yet saved)."""
-    encoder = VisionEncoder(model.vision_tower.fuse(), model.projector).float().eval()
+def load_encoder(model_path: str | os.PathLike) -> tuple[VisionEncoder, FastVLMConfig, str]:
+    """The fused fp32 encoder of a checkpoint, its config and its folder.
+
+    The checkpoint is read in its stored dtype (a 7B decoder in bf16 is not doubled to
+    fp32 for nothing); the tower and projector are cast to fp32 before the tower is fused,
+    so that folding the batch norms loses nothing. The decoder is dropped on return.
+    """
+    model = FastVLM.from_pretrained(model_path, dtype=None, fuse=False)
+    encoder = VisionEncoder(model.vision_tower, model.projector).float().eval()
+    encoder.tower.fuse()
+    return encoder, model.config, str(model.source_path)
+
+
+def capture(encoder: VisionEncoder, image_size: int) -> torch.export.ExportedProgram:
+    """``encoder`` at ``image_size`` as an ATen-level ExportedProgram (what coremltools converts)."""
     example = torch.zeros(1, 3, image_size, image_size)
     # With autograd on, the fused tower runs plain PyTorch ops rather than its oneDNN kernels
     # (opaque to torch.export and to coremltools); the weights do not require grad either way.
     with torch.enable_grad():
-        program = torch.export.export(encoder, (example,)).run_decompositions({})
+        return torch.export.export(encoder, (example,)).run_decompositions({})
+
+
+def convert(program: torch.export.ExportedProgram, image_size: int, *, precision: str, input_kind: str, ct: Any) -> Any:
+    """``program`` as a coremltools ``MLModel`` (not yet saved)."""
     shape = (1, 3, image_size, image_size)
     if input_kind == "image":
         inputs = [ct.ImageType(name=INPUT_NAME, shape=shape, scale=1 / 255.0, color_layout=ct.colorlayout.RGB)]

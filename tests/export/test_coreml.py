@@ -25,6 +25,9 @@ ct = pytest.importorskip("coremltools", reason="the Core ML export needs coremlt
 
 from fastvlm.export import coreml  # noqa: E402  # after the importorskip
 
+# coremltools 9 calls its own deprecated registry on every op it converts
+pytestmark = pytest.mark.filterwarnings("ignore:Function _TORCH_OPS_REGISTRY:DeprecationWarning")
+
 APPLE = "apple_fastvlm_tiny"
 HF = "hf_fastvlm_tiny"
 # MIL data types (coremltools' MIL.proto) and feature types (FeatureTypes.proto).
@@ -230,12 +233,18 @@ def test_an_interrupted_export_leaves_no_folder(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_converted_module_computes_what_encode_images_computes():
-    """The module that is converted computes what encode_images computes on the same pixels."""
+def test_the_captured_program_computes_what_encode_images_computes():
+    """The first half of the route, checked everywhere: the fp32 encoder that is captured, and the
+    ExportedProgram coremltools converts, give PyTorch's features (the second half runs on macOS)."""
     model = FastVLM.from_pretrained(fixture_path(HF))
-    pixels = torch.rand(1, 3, model.config.image_size, model.config.image_size)
-    encoder = coreml.VisionEncoder(model.vision_tower, model.projector)
-    torch.testing.assert_close(encoder(pixels), model.encode_images(pixels))
+    encoder, config, source = coreml.load_encoder(fixture_path(HF))
+    assert (config.image_size, source) == (model.config.image_size, str(fixture_path(HF)))
+    pixels = torch.rand(1, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.encode_images(pixels)
+        torch.testing.assert_close(encoder(pixels), expected, atol=1e-4, rtol=1e-4)
+        program = coreml.capture(encoder, config.image_size)
+        torch.testing.assert_close(program.module()(pixels), expected, atol=1e-4, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- command line
