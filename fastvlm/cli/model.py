@@ -23,6 +23,7 @@ from fastvlm.cli.common import (
     generation_kwargs,
     load_model,
 )
+from fastvlm.cli.export import add_backend_arguments, predict_onnx
 from fastvlm.errors import ConfigError, FastVLMError, OutputExistsError, UsageError
 from fastvlm.processing import DEFAULT_MAX_PIXELS, load_image
 from fastvlm.vision.layouts import TOWER_LAYOUTS
@@ -51,6 +52,7 @@ def _register_predict_and_chat(subparsers: Subparsers) -> None:
     p.add_argument("--image", help="image file (omit for a text-only prompt)")
     p.add_argument("--prompt", required=True, help="the question, or a full qwen_2 prompt with <image>")
     p.add_argument("--json", action="store_true", help="print text, token ids and timings as JSON")
+    add_backend_arguments(p)
     p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser("chat", help="an interactive conversation about an image")
@@ -62,6 +64,9 @@ def _register_predict_and_chat(subparsers: Subparsers) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from fastvlm.generation import GenerationResult, TextStream  # transformers: only when a command needs it
 
+    if args.backend == "onnx":
+        predict_onnx(args)
+        return
     image = None
     if args.image is not None:  # decode (and reject a bad image) before spending time on the model
         image = load_image(args.image, max_pixels=None if args.allow_large_images else DEFAULT_MAX_PIXELS)
