@@ -14,7 +14,8 @@ of prompts and random images. The torchao rows load the PyTorch model with
 distributions. Writes ``table.md`` and ``results.json`` in ``--out``.
 
 ``--make-model DIR`` first writes a FastVLM-0.5B-sized model with random weights (512 px,
-the padded byte tokenizer) there, as benchmarks/serve_load.py does.
+inference-form tower) there, as benchmarks/serve_load.py does, but its padded byte tokenizer
+keeps its last id for ``<image>``: the exported graphs take images as an in-vocabulary id.
 """
 
 from __future__ import annotations
@@ -28,7 +29,29 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+LLM = "0.5b"
+IMAGE_SIZE = 512
+
+
+def make_model(folder: Path) -> None:
+    """A random FastVLM-0.5B at 512 px in ``folder`` (kept if it is already there)."""
+    import tempfile
+
+    from fastvlm.bench.tokenizer import padded_byte_tokenizer
+    from fastvlm.cli import main as cli
+    from fastvlm.presets import fastvlm_config
+
+    if (folder / "config.json").exists():
+        print(f"using the model already in {folder}")
+        return
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        tokenizer = padded_byte_tokenizer(fastvlm_config(LLM).text.vocab_size - 1)
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        tokenizer.save_pretrained(tokenizer_dir)
+        init = ["init", "--llm", LLM, "--tokenizer", tokenizer_dir, "--image-size", str(IMAGE_SIZE)]
+        status = cli([*init, "--tower-form", "inference", str(folder)])
+    if status:
+        sys.exit(status)
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,8 +80,6 @@ def main() -> int:
     from fastvlm.files import read_json
 
     if args.make_model:
-        from serve_load import make_model
-
         make_model(args.make_model)
         args.model = args.make_model
     if args.model is None:
