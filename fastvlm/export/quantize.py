@@ -9,21 +9,25 @@ own tools; nothing here touches a weight by hand:
 - ``fp16``: ``onnxruntime.transformers.float16.convert_float_to_float16`` with
   ``keep_io_types=True``: weights and compute in float16, inputs and outputs (pixel values,
   embeddings, logits, the key/value cache) stay float32, so a caller feeds every variant the
-  same tensors. Ops without a float16 kernel on onnxruntime's CPU provider are left in float32
-  by the converter's own block list.
+  same tensors, and Transformers.js (which sizes its first cache from the declared input
+  types, docs/transformersjs-notes.md) can mix graphs of different dtypes in one model
+  (``{vision_encoder: "fp16", decoder_model_merged: "q4"}``). Ops without a float16 kernel
+  on onnxruntime's CPU provider are left in float32 by the converter's own block list.
 - ``int8`` / ``uint8``: ``onnxruntime.quantization.quantize_dynamic`` with weight type
   ``QInt8`` / ``QUInt8``, per-tensor weight scales, activations quantized at run time
   (``DynamicQuantizeLinear`` → ``MatMulInteger``). Quantized op types: ``MatMul`` and
-  ``Gather`` (the embedding table) in every graph; the vision encoder's convolutions stay
-  float32, because onnxruntime's CPU provider has no ``ConvInteger`` kernel for int8 weights,
-  and the two variants should differ only in the weights' type. So the encoder shrinks only
-  by its attention and projector matrices.
+  ``Gather`` (the embedding table) in every graph. The vision encoder's ``Conv`` nodes stay
+  float32: onnxruntime's CPU provider has no ``ConvInteger`` kernel for int8 weights, and the
+  two variants should differ only in the weights' type. That costs little: in our export
+  the fused tower's 1x1 convolutions and MLPs are ``MatMul`` nodes (123.6M of FastViTHD's
+  126M weights), and only its depthwise and stem convolutions (2.5M) are ``Conv``.
 - ``q4``: ``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer``, 4-bit
   weights, blocks of 32 along the input dimension, asymmetric (a zero point per block, as
   the quantizer's default; symmetric blocks lose one of the 16 levels), giving
-  ``MatMulNBits`` nodes. Only ``MatMul`` with a constant weight is quantized, so the encoder's
-  convolutions and the embedding table stay float32 (the hub build's q4 vision encoder is
-  likewise its fp32 size).
+  ``MatMulNBits`` nodes. Only ``MatMul`` with a constant weight is quantized: the embedding
+  table stays float32 (``embed_tokens_q4`` is the fp32 size), and so do the encoder's few
+  ``Conv`` weights. (The hub build's q4 vision encoder kept its fp32 size because its tower's
+  1x1 convolutions are ``Conv`` nodes; ours are ``MatMul`` and shrink: 91 MB for FastViTHD.)
 - ``q4f16``: the q4 graph put through the same float16 conversion as ``fp16`` (inputs and
   outputs float32, the block scales in float16).
 
