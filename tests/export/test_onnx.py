@@ -217,3 +217,18 @@ def test_the_command_lines_variant_choices_are_the_runners() -> None:
 
     assert list(ONNX_VARIANTS) == list(VARIANT_SUFFIXES)
     assert set(QUANTIZED_VARIANTS) == set(VARIANT_SUFFIXES) - {"fp32", "fp16"}
+
+
+def test_overwrite_replaces_an_existing_folder_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_graph(model: FastVLM, path: Path) -> Path:  # the folder's handling is under test, not the graphs
+        path.write_bytes(b"graph")
+        return path
+
+    for name in ("export_vision_encoder", "export_embed_tokens", "export_decoder"):
+        monkeypatch.setattr(onnx_export, name, fake_graph)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older export")
+    export_onnx(fixture_path("apple_fastvlm_tiny"), out, overwrite=True)
+    assert not (out / "stale.txt").exists() and (out / "onnx" / "decoder_model_merged.onnx").is_file()
+    assert (out / "config.json").is_file() and not leftover_dirs(tmp_path)
