@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from fastvlm.errors import ConfigError, OutputExistsError
+from fastvlm.errors import CheckpointError, ConfigError, OutputExistsError
 from fastvlm.export.runner import ONNX_DIR, graph_path
 from fastvlm.files import atomic_dir
 from fastvlm.formats import CheckpointFormat, get_format, placeholder_token_id
@@ -166,10 +166,16 @@ def export_onnx(
     :func:`fastvlm.export.quantize.write_variants`, inside the staging folder, so they
     too appear all at once or not at all. Returns ``out``.
     """
+    from fastvlm.export.quantize import check_variants
+
     out = Path(out)
     check_output(out, overwrite)
+    check_variants(variants)  # names first: the graphs take minutes to trace
     model = FastVLM.from_pretrained(model_path, fuse=True, dtype=torch.float32)
     size = check_image_size(model, image_size)
+    if model.tokenizer is None:
+        raise CheckpointError(f"{model_path} has no tokenizer files; the exported folder needs its tokenizer")
+    placeholder_token_id(model.config, model.tokenizer)  # the image placeholder must exist before any tracing
     model.config.image_size = size
     model.image_processor.size = size
     with atomic_dir(out) as staging:

@@ -173,6 +173,17 @@ def test_an_image_size_off_the_stride_fails_before_anything_is_written(tmp_path:
     assert not out.exists() and not leftover_dirs(tmp_path)
 
 
+def test_an_unknown_variant_fails_before_any_tracing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the checkpoint was loaded before the variant names were checked")
+
+    monkeypatch.setattr(FastVLM, "from_pretrained", no_loading)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="unknown ONNX variant.*'int3'"):
+        export_onnx(fixture_path("apple_fastvlm_tiny"), out, variants=["int8", "int3"])
+    assert not out.exists() and not leftover_dirs(tmp_path)
+
+
 def test_a_folder_that_is_no_fastvlm_checkpoint_fails_before_anything_is_written(tmp_path: Path) -> None:
     foreign = tmp_path / "bert"
     foreign.mkdir()
