@@ -29,29 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-LLM = "0.5b"
-IMAGE_SIZE = 512
-
-
-def make_model(folder: Path) -> None:
-    """A random FastVLM-0.5B at 512 px in ``folder`` (kept if it is already there)."""
-    import tempfile
-
-    from fastvlm.bench.tokenizer import padded_byte_tokenizer
-    from fastvlm.cli import main as cli
-    from fastvlm.presets import fastvlm_config
-
-    if (folder / "config.json").exists():
-        print(f"using the model already in {folder}")
-        return
-    with tempfile.TemporaryDirectory() as tokenizer_dir:
-        tokenizer = padded_byte_tokenizer(fastvlm_config(LLM).text.vocab_size - 1)
-        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-        tokenizer.save_pretrained(tokenizer_dir)
-        init = ["init", "--llm", LLM, "--tokenizer", tokenizer_dir, "--image-size", str(IMAGE_SIZE)]
-        status = cli([*init, "--tower-form", "inference", str(folder)])
-    if status:
-        sys.exit(status)
+from serve_load import make_model  # the random 0.5B of the serving benchmarks (this folder)
 
 
 def parse_args() -> argparse.Namespace:
@@ -80,7 +58,7 @@ def main() -> int:
     from fastvlm.files import read_json
 
     if args.make_model:
-        make_model(args.make_model)
+        make_model(args.make_model, image_token=True)
         args.model = args.make_model
     if args.model is None:
         sys.exit("--model or --make-model is required")
