@@ -27,8 +27,13 @@ LLM = "0.5b"
 IMAGE_SIZE = 512
 
 
-def make_model(folder: Path) -> None:
-    """A random FastVLM-0.5B at 512 px in ``folder`` (kept if it is already there)."""
+def make_model(folder: Path, *, image_token: bool = False) -> None:
+    """A random FastVLM-0.5B at 512 px in ``folder`` (kept if it is already there).
+
+    ``image_token`` keeps the tokenizer's last id for ``<image>``: graphs and engines that take
+    images as an in-vocabulary id (ONNX, vLLM) need one, and the padded tokenizer otherwise
+    fills every embedding row.
+    """
     from fastvlm.bench.tokenizer import padded_byte_tokenizer
     from fastvlm.presets import fastvlm_config
 
@@ -36,7 +41,11 @@ def make_model(folder: Path) -> None:
         print(f"using the model already in {folder}")
         return
     with tempfile.TemporaryDirectory() as tokenizer_dir:
-        padded_byte_tokenizer(fastvlm_config(LLM).text.vocab_size).save_pretrained(tokenizer_dir)
+        vocab_size = fastvlm_config(LLM).text.vocab_size
+        tokenizer = padded_byte_tokenizer(vocab_size - 1 if image_token else vocab_size)
+        if image_token:
+            tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        tokenizer.save_pretrained(tokenizer_dir)
         init = ["init", "--llm", LLM, "--tokenizer", tokenizer_dir, "--image-size", str(IMAGE_SIZE)]
         status = main([*init, "--tower-form", "inference", str(folder)])
     if status:

@@ -34,6 +34,7 @@ from fastvlm.formats import (
 )
 from fastvlm.formats.base import OUR_LM_HEAD
 from fastvlm.processing import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ImageProcessor, PromptError, pad_sequences
+from fastvlm.quantization import check_quantization, quantize_decoder
 from fastvlm.state_dicts import check_state_dict, is_batch_counter, materialize
 from fastvlm.vision import FastViT
 
@@ -105,6 +106,7 @@ class FastVLM(nn.Module):
         self.image_processor = ImageProcessor(config.image_size, config.image_mode)
         self.source_path: Path | None = None
         self.generation_eos_token_id: int | list[int] | None = None  # from generation_config.json
+        self.quantization: str | None = None  # "int8"/"int4" once the decoder is quantized (fastvlm.quantization)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -311,12 +313,16 @@ class FastVLM(nn.Module):
         dtype: torch.dtype | None = torch.float32,
         fuse: bool = True,
         image_mode: str | None = None,
+        quantization: str | None = None,
     ) -> FastVLM:
         """Load a checkpoint folder in the authors', transformers' or our format (or a hub id).
 
         The tower's architecture is read from its tensors. ``fuse`` (default) switches
         the tower to its fused inference form; pass ``fuse=False`` to train.
+        ``quantization`` (``"int8"`` or ``"int4"``) quantizes the decoder's linear weights
+        with torchao once loaded; see :mod:`fastvlm.quantization`.
         """
+        check_quantization(quantization)  # a typo is reported before the weights are read
         folder = resolve_checkpoint(path_or_hub_id)
         checkpoint = read_checkpoint(folder)
         config, ours = checkpoint.config, checkpoint.tensors
@@ -347,6 +353,8 @@ class FastVLM(nn.Module):
             model.generation_eos_token_id = read_json(generation_config).get("eos_token_id")
         if fuse:
             model.vision_tower.fuse()
+        if quantization is not None:
+            quantize_decoder(model, quantization)
         return model.eval()
 
     def _finish_loading(self, device: torch.device | str) -> None:
@@ -391,6 +399,11 @@ class FastVLM(nn.Module):
         the trainer passes weights gathered from sharded or adapter-carrying models.
         """
         fmt = get_format(format)
+        if state_dict is None and self.quantization is not None:
+            raise CheckpointError(
+                f"this model's decoder is quantized ({self.quantization}) and is not saved in that form; save the "
+                "unquantized model and pass quantization= to from_pretrained (--quantization) when loading it"
+            )
         if state_dict is None and getattr(self.vision_tower, "is_fused", False):
             raise CheckpointError(
                 "this model's vision tower is fused for inference and no longer has checkpoint tensors; "

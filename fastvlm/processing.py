@@ -253,6 +253,52 @@ class Conversation:
         return "".join(text for text, _ in self.segments(add_generation_prompt))
 
 
+# The same template as Jinja, for engines that render prompts themselves (vLLM's server,
+# Transformers.js on an exported folder): content as a string or as OpenAI-style parts, the
+# images of a message first, each as <image> on its own line. A <image> typed into the text
+# has no image behind it and is refused. A test holds it equal to Conversation.prompt.
+_TYPED_PLACEHOLDER = (
+    f"the text of a message contains {DEFAULT_IMAGE_TOKEN}, which stands for an image; send images as "
+    "image_url content parts (they are placed before the text) and leave the placeholder out of the text"
+)
+
+_NEWLINE = "{{ '\\n' }}"  # emitted as an expression: whitespace control around tags would eat a bare newline
+
+CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}"
+    f"{{%- if '{DEFAULT_IMAGE_TOKEN}' in content -%}}{{{{ raise_exception('{_TYPED_PLACEHOLDER}') }}}}{{%- endif -%}}"
+    "{{- content -}}"
+    "{%- else -%}"
+    "{%- set ns = namespace(parts=[]) -%}"
+    "{%- for part in content -%}"
+    f"{{%- if part['type'] in ['image', 'image_url'] -%}}{{%- set ns.parts = ns.parts + ['{DEFAULT_IMAGE_TOKEN}'] -%}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for part in content -%}"
+    "{%- if part['type'] == 'text' -%}"
+    f"{{%- if '{DEFAULT_IMAGE_TOKEN}' in part['text'] -%}}{{{{ raise_exception('{_TYPED_PLACEHOLDER}') }}}}"
+    "{%- endif -%}"
+    "{%- set ns.parts = ns.parts + [part['text']] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- ns.parts | join('\\n') -}}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    f"{TURN_START}system{_NEWLINE}{{{{ render(messages[0]['content']) }}}}{TURN_END}{_NEWLINE}"
+    "{%- else -%}"
+    f"{TURN_START}system{_NEWLINE}{SYSTEM_PROMPT}{TURN_END}{_NEWLINE}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] != 'system' -%}"
+    f"{TURN_START}{{{{ message['role'] }}}}{_NEWLINE}{{{{ render(message['content']) }}}}{TURN_END}{_NEWLINE}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    f"{{%- if add_generation_prompt -%}}{TURN_START}assistant{_NEWLINE}{{%- endif -%}}"
+)
+
+
 def is_templated(prompt: str) -> bool:
     """Whether ``prompt`` is already rendered in the chat template (rather than a bare question)."""
     return TURN_START in prompt

@@ -30,6 +30,13 @@ def assert_close_to_reference(actual: torch.Tensor, reference: torch.Tensor) -> 
     assert diff <= bound, f"max abs diff {diff:.3e} exceeds {bound:.3e}"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "js: an exported ONNX folder loaded by Transformers.js in Node (make test-js; needs node and npm)",
+    )
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)

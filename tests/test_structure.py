@@ -23,8 +23,8 @@ LAYERS = [
     {"fastvlm.vision"},
     {"fastvlm.processing", "fastvlm.presets", "fastvlm.config"},
     {"fastvlm.formats"},
-    {"fastvlm.model", "fastvlm.generation"},
-    {"fastvlm.train", "fastvlm.eval", "fastvlm.serve"},
+    {"fastvlm.model", "fastvlm.generation", "fastvlm.quantization"},
+    {"fastvlm.train", "fastvlm.eval", "fastvlm.serve", "fastvlm.export"},
     {"fastvlm.bench"},
     {"fastvlm.cli", "fastvlm.integrations"},
 ]

@@ -21,10 +21,12 @@ Subcommands:
   bench-encoder                            FastViTHD latency, unfused vs fused (also benchmarks/encoder_latency.py)
   bench-gpu [--smoke]                      0.5B/1.5B/7B on a GPU vs transformers: encoder, TTFT, decode, memory
   bench-serve --model M | --url U          load test (1/4/16/64 clients) and soak of an OpenAI-compatible server
+  export onnx MODEL OUT                    ONNX graphs for onnxruntime / Transformers.js (predict --backend onnx)
+  export coreml MODEL OUT                  the vision encoder as a Core ML package
 
 One module per command group (:mod:`~fastvlm.cli.model`, :mod:`~fastvlm.cli.data`,
 :mod:`~fastvlm.cli.train`, :mod:`~fastvlm.cli.eval`, :mod:`~fastvlm.cli.serve`,
-:mod:`~fastvlm.cli.bench`), each with
+:mod:`~fastvlm.cli.bench`, :mod:`~fastvlm.cli.export`), each with
 ``register(subparsers)`` that adds its commands with their flags next to their handlers;
 flags several commands share live in :mod:`~fastvlm.cli.common`.
 
@@ -40,14 +42,14 @@ import argparse
 import sys
 import traceback
 
-from fastvlm.cli import bench, data, model, serve, train
+from fastvlm.cli import bench, data, export, model, serve, train
 from fastvlm.cli import eval as evaluation
 from fastvlm.errors import FastVLMError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
-COMMAND_GROUPS = (model, data, train, evaluation, serve, bench)
+COMMAND_GROUPS = (model, data, train, evaluation, serve, bench, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -137,7 +137,11 @@ def load_model(args: argparse.Namespace) -> FastVLM:
 
     check_device(args.device)
     model = FastVLM.from_pretrained(
-        args.model, device=args.device, dtype=DTYPES[args.dtype], image_mode=args.image_mode
+        args.model,
+        device=args.device,
+        dtype=DTYPES[args.dtype],
+        image_mode=args.image_mode,
+        quantization=getattr(args, "quantization", None),  # predict and chat have --quantization
     )
     if args.allow_large_images:
         model.image_processor.max_pixels = None

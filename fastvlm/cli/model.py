@@ -23,8 +23,10 @@ from fastvlm.cli.common import (
     generation_kwargs,
     load_model,
 )
+from fastvlm.cli.export import add_backend_arguments, predict_onnx
 from fastvlm.errors import ConfigError, FastVLMError, OutputExistsError, UsageError
 from fastvlm.processing import DEFAULT_MAX_PIXELS, load_image
+from fastvlm.quantization import QUANTIZATIONS
 from fastvlm.vision.layouts import TOWER_LAYOUTS
 
 if TYPE_CHECKING:
@@ -51,17 +53,33 @@ def _register_predict_and_chat(subparsers: Subparsers) -> None:
     p.add_argument("--image", help="image file (omit for a text-only prompt)")
     p.add_argument("--prompt", required=True, help="the question, or a full qwen_2 prompt with <image>")
     p.add_argument("--json", action="store_true", help="print text, token ids and timings as JSON")
+    add_backend_arguments(p)
+    _add_quantization(p)
     p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser("chat", help="an interactive conversation about an image")
     add_model_arguments(p)
     p.add_argument("--image", help="image file (omit for text-only chat)")
+    _add_quantization(p)
     p.set_defaults(func=cmd_chat)
+
+
+def _add_quantization(parser: argparse.ArgumentParser) -> None:
+    """``--quantization int8|int4``: torchao weight-only quantization of the decoder (fastvlm.quantization)."""
+    parser.add_argument(
+        "--quantization",
+        choices=list(QUANTIZATIONS),
+        help="quantize the decoder's linear weights with torchao after loading (int4 on CPU is fastest with "
+        "--dtype bf16; on CUDA it needs it)",
+    )
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from fastvlm.generation import GenerationResult, TextStream  # transformers: only when a command needs it
 
+    if args.backend == "onnx":
+        predict_onnx(args)
+        return
     image = None
     if args.image is not None:  # decode (and reject a bad image) before spending time on the model
         image = load_image(args.image, max_pixels=None if args.allow_large_images else DEFAULT_MAX_PIXELS)

@@ -20,7 +20,14 @@ from transformers import AutoTokenizer
 from fastvlm.config import FastVLMConfig
 from fastvlm.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from fastvlm.files import atomic_dir, read_checkpoint_tensors, read_json, save_safetensors_atomic, weight_files
-from fastvlm.formats.base import OUR_LM_HEAD, OUR_TOWER_PREFIX, CheckpointFormat, Format, vocab_image_token
+from fastvlm.formats.base import (
+    OUR_LM_HEAD,
+    OUR_TOWER_PREFIX,
+    CheckpointFormat,
+    Format,
+    placeholder_token_id,
+    vocab_image_token,
+)
 from fastvlm.formats.fast_vlm import FastVlm
 from fastvlm.formats.llava_qwen2 import LlavaQwen2
 from fastvlm.formats.native import Native
@@ -39,6 +46,7 @@ __all__ = [
     "load_tokenizer",
     "write_checkpoint",
     "vocab_image_token",
+    "placeholder_token_id",
 ]
 
 FORMATS: dict[CheckpointFormat, Format] = {f.name: f for f in (Native(), LlavaQwen2(), FastVlm())}

@@ -164,3 +164,29 @@ def vocab_image_token(tokenizer: PreTrainedTokenizerBase | None, vocab_size: int
     if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id or not 0 <= token_id < vocab_size:
         return None
     return token_id
+
+
+def placeholder_token_id(config: FastVLMConfig, tokenizer: object) -> int:
+    """The in-vocabulary id that stands for one visual token where ids must be vocabulary ids.
+
+    vLLM's prompts and the exported ONNX graphs' ``input_ids`` both need one: transformers'
+    checkpoints name it (``image_token_index``); the authors' mark images with ``-200``,
+    which is no embedding row. For them the tokenizer's ``<image>`` is used when it has one,
+    else the first id past the tokenizer's vocabulary that still has an embedding row
+    (Qwen2's embedding has a few hundred spare rows). Its embedding is never read: image
+    features replace it.
+    """
+    if config.image_token_id is not None:
+        return config.image_token_id
+    vocab_size = config.text.vocab_size
+    token_id = vocab_image_token(tokenizer, vocab_size)  # type: ignore[arg-type]
+    if token_id is not None:
+        return token_id
+    spare = len(tokenizer)  # type: ignore[arg-type]
+    if spare >= vocab_size:
+        raise CheckpointError(
+            f"cannot place images in token ids: the tokenizer has no {DEFAULT_IMAGE_TOKEN} token and its "
+            f"{spare} tokens fill the decoder's {vocab_size} embedding rows, so no spare id is left; add "
+            f"{DEFAULT_IMAGE_TOKEN} to the tokenizer (`fastvlm convert --format hf` does)"
+        )
+    return spare

@@ -13,6 +13,7 @@ COMMANDS = {
     "serve",  # cli/serve.py
     *["bench", "bench-ttft", "bench-train", "bench-eval", "bench-encoder", "bench-gpu"],  # cli/bench.py
     "bench-serve",  # cli/bench_serve.py
+    "export",  # cli/export.py (onnx), cli/export_coreml.py (coreml)
 }
 
 
@@ -29,6 +30,7 @@ def test_every_command_is_registered():
     commands = _subcommands(build_parser())
     assert set(commands) == COMMANDS
     assert set(_subcommands(commands["data"])) == {"synth", "check", "score"}
+    assert set(_subcommands(commands["export"])) == {"onnx", "coreml"}
 
 
 def test_llm_size_choices_are_the_released_presets():

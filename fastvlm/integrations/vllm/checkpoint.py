@@ -13,10 +13,8 @@ import functools
 from dataclasses import dataclass
 
 from fastvlm.config import FastVLMConfig
-from fastvlm.errors import CheckpointError
 from fastvlm.files import resolve_checkpoint
-from fastvlm.formats import Checkpoint, read_checkpoint, vocab_image_token
-from fastvlm.processing import DEFAULT_IMAGE_TOKEN
+from fastvlm.formats import Checkpoint, placeholder_token_id, read_checkpoint
 
 IMAGES_PER_PROMPT = 1  # FastVLM is trained on one image per conversation; the processor, server and engine say so
 
@@ -47,28 +45,3 @@ def checkpoint_facts(model: str, tokenizer: object) -> CheckpointFacts:
     """:class:`CheckpointFacts` of ``model``, with ``tokenizer`` (vLLM's) choosing the placeholder id."""
     checkpoint = describe_checkpoint(model)
     return CheckpointFacts(checkpoint, placeholder_token_id(checkpoint.config, tokenizer))
-
-
-def placeholder_token_id(config: FastVLMConfig, tokenizer: object) -> int:
-    """The in-vocabulary id that stands for one visual token in vLLM's prompts.
-
-    transformers' checkpoints name it (``image_token_index``); the authors' mark images with
-    ``-200``, which vLLM refuses (it checks that every prompt id is a vocabulary id). For
-    them the tokenizer's ``<image>`` is used when it has one, else the first id past the
-    tokenizer's vocabulary that still has an embedding row (Qwen2's embedding has a few
-    hundred spare rows). Its embedding is never read: image features replace it.
-    """
-    if config.image_token_id is not None:
-        return config.image_token_id
-    vocab_size = config.text.vocab_size
-    token_id = vocab_image_token(tokenizer, vocab_size)  # type: ignore[arg-type]
-    if token_id is not None:
-        return token_id
-    spare = len(tokenizer)  # type: ignore[arg-type]
-    if spare >= vocab_size:
-        raise CheckpointError(
-            f"cannot place images in vLLM's prompts: the tokenizer has no {DEFAULT_IMAGE_TOKEN} token and its "
-            f"{spare} tokens fill the decoder's {vocab_size} embedding rows, so no spare id is left; add "
-            f"{DEFAULT_IMAGE_TOKEN} to the tokenizer (`fastvlm convert --format hf` does)"
-        )
-    return spare
