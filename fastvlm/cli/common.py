@@ -150,6 +150,16 @@ def load_model(args: argparse.Namespace) -> FastVLM:
     return model
 
 
+def result_report(result: Any) -> dict[str, Any]:
+    """``predict --json``'s report of a generation result, whichever backend produced it."""
+    return {
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "timings": result.timings.as_dict(),
+    }
+
+
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling flags of :func:`add_model_arguments` as ``generate`` keywords."""
     return {

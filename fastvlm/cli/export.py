@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastvlm.cli import export_coreml
+from fastvlm.cli.common import result_report
 from fastvlm.errors import UsageError
 
 if TYPE_CHECKING:
@@ -93,13 +94,7 @@ def predict_onnx(args: argparse.Namespace) -> None:
     pixels = None if image is None else model.image_processor.preprocess(image)[None]
     result = model.generate(prompt=args.prompt, pixel_values=pixels, max_new_tokens=args.max_new_tokens)
     if args.json:
-        report = {
-            "text": result.text,
-            "token_ids": result.token_ids,
-            "finish_reason": result.finish_reason,
-            "timings": result.timings.as_dict(),
-        }
-        print(json.dumps(report, indent=2))
+        print(json.dumps(result_report(result), indent=2))
         return
     print(result.text)
     t = result.timings

@@ -22,6 +22,7 @@ from fastvlm.cli.common import (
     add_model_arguments,
     generation_kwargs,
     load_model,
+    result_report,
 )
 from fastvlm.cli.export import add_backend_arguments, predict_onnx
 from fastvlm.errors import ConfigError, FastVLMError, OutputExistsError, UsageError
@@ -89,13 +90,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.json:
         result = model.generate(prompt=args.prompt, pixel_values=pixels, **generation_kwargs(args))
         assert isinstance(result, GenerationResult)  # one prompt, not streamed
-        report = {
-            "text": result.text,
-            "token_ids": result.token_ids,
-            "finish_reason": result.finish_reason,
-            "timings": result.timings.as_dict(),
-        }
-        print(json.dumps(report, indent=2))
+        print(json.dumps(result_report(result), indent=2))
         return
     stream = model.generate(prompt=args.prompt, pixel_values=pixels, stream=True, **generation_kwargs(args))
     assert isinstance(stream, TextStream)
