@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvlm.vision.kernels import FusedLinear, pointwise_conv
+from fastvlm.vision.kernels import FusedLinear, pointwise_mlp
 from fastvlm.vision.mobileone import MobileOneBlock
 from fastvlm.vision.reparam import ConvBN, conv_from, identity_kernel
 
@@ -149,8 +149,7 @@ class ConvFFN(nn.Module):
                 raise ValueError("ConvFFN adds a residual only in its fused form")
             return self.fc2(self.act(self.fc1(self.conv(x))))
         assert isinstance(self.fc1, FusedLinear) and isinstance(self.fc2, FusedLinear)  # set by fuse()
-        hidden = pointwise_conv(self.fc1, self.conv(x), gelu=True)
-        return pointwise_conv(self.fc2, hidden, residual=residual)
+        return pointwise_mlp(self.fc1, self.fc2, self.conv(x), residual=residual)
 
     @torch.no_grad()
     def fuse(self, out_scale: torch.Tensor | None = None) -> None:

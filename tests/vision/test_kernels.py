@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvlm.vision.kernels import FusedLinear, conv_gelu, onednn_fusion_available, pointwise_conv
+from fastvlm.vision.kernels import (
+    MLP_CHUNK_MIN_TOKENS,
+    MLP_CHUNK_TOKENS,
+    FusedLinear,
+    conv_gelu,
+    onednn_fusion_available,
+    pointwise_conv,
+    pointwise_mlp,
+)
 from tests.conftest import assert_close_to_reference
 
 
@@ -42,6 +50,23 @@ def test_pointwise_conv_equals_a_1x1_conv_on_any_memory_format():
             out = pointwise_conv(fused, inp, residual=res)
             assert out.shape == (2, 24, 6, 5)
             assert_close_to_reference(out, conv(x) + res)
+
+
+def test_pointwise_mlp_in_token_chunks_equals_the_plain_mlp():
+    # 2 x 48 x 48 = 4608 tokens: over the chunking threshold, with a last chunk shorter than the rest
+    tokens = 2 * 48 * 48
+    assert tokens > MLP_CHUNK_MIN_TOKENS and tokens % MLP_CHUNK_TOKENS
+    fc1, fc2 = nn.Conv2d(12, 48, 1), nn.Conv2d(48, 12, 1)
+    fused1, fused2 = FusedLinear.from_module(fc1), FusedLinear.from_module(fc2)
+    x, res = torch.randn(2, 12, 48, 48), torch.randn(2, 12, 48, 48)
+    small = x[:, :, :8, :8]  # under the threshold: one call per layer
+    with torch.inference_mode():
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            out = pointwise_mlp(fused1, fused2, inp, residual=res)
+            assert out.shape == (2, 12, 48, 48)
+            assert_close_to_reference(out, fc2(F.gelu(fc1(x))) + res)
+            assert_close_to_reference(pointwise_mlp(fused1, fused2, inp), fc2(F.gelu(fc1(x))))
+        assert_close_to_reference(pointwise_mlp(fused1, fused2, small), fc2(F.gelu(fc1(small))))
 
 
 def test_conv_gelu_equals_conv_then_gelu():
