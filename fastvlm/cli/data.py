@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from fastvlm.cli.common import Subparsers, add_model_arguments, load_model
+from fastvlm.errors import UsageError
 
 
 def register(subparsers: Subparsers) -> None:
@@ -27,6 +28,12 @@ def register(subparsers: Subparsers) -> None:
         "--binding",
         action="store_true",
         help="ask about one shape among several (harder: needs a larger model or a longer run)",
+    )
+    p.add_argument(
+        "--kind-weights",
+        nargs="+",
+        metavar="KIND=W",
+        help="share of each question kind, e.g. color=1 shape=2 count=1 word=1 (default: equal; kinds left out get 0)",
     )
     p.set_defaults(func=cmd_data_synth)
 
@@ -56,8 +63,23 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
         seed=args.seed,
         test_fraction=args.test_fraction,
         binding=args.binding,
+        kind_weights=_kind_weights(args.kind_weights) if args.kind_weights else None,
     )
     print(f"wrote {args.num} examples: {files['train']}, {files['test']} and {Path(args.out) / 'images'}")
+
+
+def _kind_weights(items: list[str]) -> dict[str, float]:
+    """``["shape=2", "color=1"]`` -> ``{"shape": 2.0, "color": 1.0}``; a UsageError for anything else."""
+    weights = {}
+    for item in items:
+        kind, sep, value = item.partition("=")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not kind:
+            raise UsageError(f"--kind-weights takes KIND=WEIGHT pairs such as shape=2; got {item!r}")
+    return weights
 
 
 def cmd_data_check(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle")
 WORDS = ("CAT", "SUN", "MAP", "BOX", "KEY", "JAR", "SKY", "FOX", "CUP", "HAT")  # none is also a colour
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+KINDS = ("color", "shape", "count", "word")  # the skills a question tests, see question_kind()
 
 
 @dataclass
@@ -64,8 +66,24 @@ def _place(
     return None
 
 
-def make_example(rng: random.Random, size: int, *, binding: bool = False) -> tuple[Image.Image, str, str]:
+def check_kind_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """``weights`` as a dict over :data:`KINDS` (missing kinds get 0), or a ConfigError saying what is wrong."""
+    unknown = sorted(set(weights) - set(KINDS))
+    if unknown:
+        raise ConfigError(f"unknown question kind(s) {', '.join(unknown)}; expected some of {', '.join(KINDS)}")
+    if any(not w >= 0 for w in weights.values()) or not sum(weights.values()) > 0:
+        raise ConfigError(f"question-kind weights must be >= 0 and not all 0; got {dict(weights)}")
+    return {kind: float(weights.get(kind, 0.0)) for kind in KINDS}
+
+
+def make_example(
+    rng: random.Random, size: int, *, binding: bool = False, kind_weights: Mapping[str, float] | None = None
+) -> tuple[Image.Image, str, str]:
     """(image, question, one-word answer) for one random scene.
+
+    The kind of question (:data:`KINDS`) is drawn uniformly, or in proportion to
+    ``kind_weights`` (e.g. ``{"shape": 2, "color": 1, "count": 1, "word": 1}``: shape
+    is the skill a small model trained from scratch learns last, see examples/).
 
     By default a question never needs one object's property looked up through another's
     (the colour or kind of the one shape shown; how many shapes, all alike): a model of a
@@ -76,7 +94,11 @@ def make_example(rng: random.Random, size: int, *, binding: bool = False) -> tup
     img = Image.new("RGB", (size, size), (245, 245, 240))
     draw = ImageDraw.Draw(img)
     taken: list[tuple[int, int, int, int]] = []
-    kind = rng.choice(("color", "shape", "count", "word"))
+    if kind_weights is None:
+        kind = rng.choice(KINDS)
+    else:
+        weights = check_kind_weights(kind_weights)
+        kind = rng.choices(KINDS, weights=[weights[k] for k in KINDS])[0]
     side = size // 4  # a shape spans about one visual token's 64-px cell at 256 px
     colors = list(COLORS)
     if kind == "word":
@@ -114,7 +136,7 @@ def make_example(rng: random.Random, size: int, *, binding: bool = False) -> tup
     for shape in shapes:
         box = _place(rng, size, taken, side)
         if box is None:  # no room: a simpler scene
-            return make_example(rng, size, binding=binding)
+            return make_example(rng, size, binding=binding, kind_weights=kind_weights)
         shape.box = box
         taken.append(box)
         _draw_shape(draw, shape)
@@ -130,12 +152,19 @@ def write_synthetic_dataset(
     test_fraction: float = 0.1,
     progress: bool = True,
     binding: bool = False,
+    kind_weights: Mapping[str, float] | None = None,
 ) -> dict[str, Path]:
-    """Write ``images/``, ``train.jsonl`` and ``test.jsonl`` (LLaVA format) under ``out``."""
+    """Write ``images/``, ``train.jsonl`` and ``test.jsonl`` (LLaVA format) under ``out``.
+
+    ``kind_weights`` (see :func:`make_example`) applies to both splits, so the held-out
+    set has the training mix of questions.
+    """
     from tqdm.auto import tqdm
 
     if num < 1 or not 0 <= test_fraction < 1:
         raise ConfigError("num must be at least 1 and test_fraction in [0, 1)")
+    if kind_weights is not None:
+        kind_weights = check_kind_weights(kind_weights)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -145,7 +174,7 @@ def write_synthetic_dataset(
     files = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
     with files["train"].open("w") as train, files["test"].open("w") as test:
         for i in tqdm(range(num), desc="synthetic data", disable=not progress, unit="image"):
-            img, question, answer = make_example(rng, size, binding=binding)
+            img, question, answer = make_example(rng, size, binding=binding, kind_weights=kind_weights)
             name = f"images/{i:06d}.png"
             img.save(out / name)
             conversation = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]

@@ -181,3 +181,24 @@ def test_synthetic_questions_need_binding_only_when_asked():
     assert any(q.startswith("What color is the ") and q not in simple_questions for q in hard)
     assert any(q.startswith("How many") and q not in simple_questions for q in hard)
     assert {question_kind(q) for q in simple} == {"color", "shape", "count", "word"}
+
+
+def test_question_kind_weights_set_the_mix_and_bad_weights_are_named(tmp_path):
+    import random
+    from collections import Counter
+
+    from fastvlm.errors import ConfigError
+    from fastvlm.train.synth import make_example, question_kind
+
+    def mix(**weights):
+        rng = random.Random(0)
+        return Counter(question_kind(make_example(rng, 64, kind_weights=weights or None)[1]) for _ in range(1000))
+
+    equal, shapes = mix(), mix(color=1, shape=2, count=1, word=1)
+    # shares of 2/5 and 1/4, within 4.5 standard deviations of 1000 draws
+    assert 0.33 < shapes["shape"] / 1000 < 0.47 and 0.19 < equal["shape"] / 1000 < 0.31
+    assert set(mix(shape=1)) == {"shape"}  # kinds left out get weight 0
+    for bad, message in (({"colour": 1}, "unknown question kind"), ({"shape": 0}, "not all 0"), ({"word": -1}, ">= 0")):
+        with pytest.raises(ConfigError, match=message):
+            write_synthetic_dataset(tmp_path / "bad", 4, size=64, kind_weights=bad, progress=False)
+        assert not (tmp_path / "bad").exists()  # refused before anything is written
