@@ -56,6 +56,7 @@ from fastvlm.bench.gpu_common import (
 )
 from fastvlm.bench.gpu_decode import WARMUP_STEPS, run_isolated
 from fastvlm.bench.gpu_report import fmt, format_report
+from fastvlm.bench.limits import copy_rate, matmul_rate
 from fastvlm.generation import Timings, generate_tokens, prefill
 from fastvlm.measure import machine_description
 from fastvlm.model import FastVLM
@@ -172,24 +173,12 @@ def measure_ceilings(settings: GpuSettings) -> Ceilings:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     ceilings = Ceilings(device_name=name, copy_mib=settings.copy_mib)
     timing = {"warmup": settings.warmup, "repeats": settings.repeats}
-
-    def copy_rate() -> float:
-        src = torch.randint(0, 255, (settings.copy_mib * BYTES_PER_MIB,), dtype=torch.uint8, device=device)
-        dst = torch.empty_like(src)
-        ms = median_ms(lambda: dst.copy_(src), device, **timing)
-        return 2 * src.numel() / (ms / 1e3) / 1e9
-
-    def matmul_rate() -> float:
-        n = settings.matmul_n
-        gen = torch.Generator(device=device).manual_seed(0)
-        a = torch.randn(n, n, device=device, dtype=settings.torch_dtype, generator=gen)
-        b = torch.randn(n, n, device=device, dtype=settings.torch_dtype, generator=gen)
-        ms = median_ms(lambda: a @ b, device, **timing)
-        return 2 * n**3 / (ms / 1e3) / 1e12
-
-    ceilings.copy_gb_per_s = attempt(ceilings.notes, "copy", copy_rate)
-    ceilings.matmul_n, ceilings.matmul_dtype = settings.matmul_n, settings.dtype
-    ceilings.matmul_tflops = attempt(ceilings.notes, "matmul", matmul_rate)
+    nbytes, n = settings.copy_mib * BYTES_PER_MIB, settings.matmul_n
+    ceilings.copy_gb_per_s = attempt(ceilings.notes, "copy", lambda: copy_rate(nbytes, device, **timing).per_s / 1e9)
+    ceilings.matmul_n, ceilings.matmul_dtype = n, settings.dtype
+    ceilings.matmul_tflops = attempt(
+        ceilings.notes, "matmul", lambda: matmul_rate(n, settings.torch_dtype, device, **timing).per_s / 1e12
+    )
     return ceilings
 
 

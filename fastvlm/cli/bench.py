@@ -3,8 +3,10 @@
 ``bench-ttft``, ``bench-train``, ``bench-eval`` and ``bench-encoder`` each print one
 markdown table headed by the machine it ran on, and write the rows as JSON with
 ``--json`` (the scripts in ``benchmarks/`` call these commands). ``bench-gpu`` writes
-its report (JSON and markdown) to a folder after every step, for short GPU loans. Arguments are
-checked before anything is built, so a bad resolution or device fails at once.
+its report (JSON and markdown) to a folder after every step, for short GPU loans.
+``bench-limits`` writes one too: each stage as a fraction of the machine's limits, measured
+in the same run. Arguments are checked before anything is built, so a bad resolution or
+device fails at once.
 
 ``bench-serve`` load-tests a server over HTTP instead of calling the model: one it
 starts (``--model``, ``fastvlm serve`` as a child process on a free 127.0.0.1 port) or
@@ -47,6 +49,7 @@ def register(subparsers: Subparsers) -> None:
     _register_eval(subparsers)
     _register_encoder(subparsers)
     _register_gpu(subparsers)
+    _register_limits(subparsers)
     bench_serve.register(subparsers)
 
 
@@ -360,3 +363,60 @@ def cmd_bench_gpu(args: argparse.Namespace) -> None:
     )
     out = args.out or os.environ.get("OUT") or "results/gpu"
     run_gpu_benchmark(settings, out)
+
+
+# ------------------------------------------------------------------------------ bench-limits
+
+
+def _register_limits(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench-limits",
+        help="encoder, prefill and decode as fractions of this machine's measured matmul rate and read bandwidth",
+    )
+    add_llm_size(p)
+    add_bench_devices(p)
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default: fp32 bf16")
+    _add_resolutions(p, help="input sides in px (default 256 512 1024)")
+    p.add_argument("--rounds", type=int, help="repeats of the whole set, ceilings included (default 3)")
+    p.add_argument("--repeats", type=int, help="timed calls per ceiling, encoder and prefill (default 3)")
+    p.add_argument("--warmup", type=int, help="untimed calls before those (default 1)")
+    p.add_argument("--decode-steps", type=int, help="timed decode steps (default 8)")
+    p.add_argument("--text-tokens", type=int, help="text tokens around the image (default 32)")
+    p.add_argument("--matmul-n", type=int, help="side of the square matmul ceiling (default 4096)")
+    p.add_argument("--buffer-mib", type=int, help="buffer of the read-bandwidth ceiling, MiB (default 1024)")
+    add_threads(p)
+    p.add_argument("--smoke", action="store_true", help="a tiny tower and decoder, small GEMM and buffer: seconds")
+    p.add_argument("--out", default="results/limits", help="folder for limits.md and limits.json")
+    p.set_defaults(func=cmd_bench_limits)
+
+
+def cmd_bench_limits(args: argparse.Namespace) -> None:
+    from fastvlm.bench.limits import LimitSettings, format_report, run_limits, write_report
+
+    set_threads(args.threads)
+    if args.resolutions:
+        check_resolutions(args.resolutions)
+    counts = {"--rounds": args.rounds, "--repeats": args.repeats, "--decode-steps": args.decode_steps}
+    sizes = {"--text-tokens": args.text_tokens, "--matmul-n": args.matmul_n, "--buffer-mib": args.buffer_mib}
+    for flag, value in (counts | sizes).items():
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1, not {value}")
+    if args.warmup is not None and args.warmup < 0:
+        raise UsageError(f"--warmup must be 0 or more, not {args.warmup}")
+    base = LimitSettings.smoke() if args.smoke else LimitSettings(llm=args.llm)
+    settings = base.with_changes(
+        devices=tuple(bench_devices(args.device)),
+        dtypes=tuple(dict.fromkeys(args.dtypes)) if args.dtypes else None,
+        resolutions=tuple(dict.fromkeys(args.resolutions)) if args.resolutions else None,
+        rounds=args.rounds,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        decode_steps=args.decode_steps,
+        text_tokens=args.text_tokens,
+        matmul_n=args.matmul_n,
+        buffer_mib=args.buffer_mib,
+    )
+    report = run_limits(settings)
+    files = write_report(report, args.out)
+    print(format_report(report))
+    print("wrote " + ", ".join(str(f) for f in files))

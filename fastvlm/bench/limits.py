@@ -1,0 +1,533 @@
+"""Each stage of FastVLM as a fraction of this machine's limits, both measured in one run.
+
+A latency means little on its own: 470 ms for an encoder is good on two cores and poor
+on sixty-four. This benchmark measures the machine's ceilings and the model's stages
+side by side and reports the ratio, which carries over between machines:
+
+- **Ceilings.** The matmul rate of each dtype (an n x n x n product, 2 n^3 FLOPs, n = 4096
+  by default) and the memory read bandwidth (``torch.sum`` over a buffer far larger than
+  the last-level cache, 1 GiB by default; bytes read / time). The copy bandwidth that
+  :mod:`fastvlm.bench.gpu` reports is timed here too (:func:`copy_rate`), so the two
+  benchmarks time their ceilings one way.
+- **Encoder.** The fused tower + projector on one image: FLOPs as
+  :func:`fastvlm.bench.gpu_common.encoder_flops` counts them, per second, against the
+  matmul rate of the same dtype.
+- **Prefill.** The decoder over the visual tokens and a template-sized text prompt:
+  FLOPs counted the same way (torch's FLOP counter on the meta device, where attention
+  is counted as the two full L x L products), per second, against the matmul rate.
+- **Decode.** One cached greedy step after that prompt reads every decoder weight once
+  (the embedding table only as the tied LM head, not again for the one-row lookup; see
+  :func:`~fastvlm.bench.gpu_common.decode_weight_bytes`) and the KV cache: those bytes
+  per second against the read bandwidth. The steps run one after another from the
+  prompt's cache, as in generation; the KV length given is the median timed step's.
+
+``rounds`` repeats the whole set (ceilings included) one round after another, so a
+shared or throttling machine drifts over ceilings and stages alike; every fraction is
+taken within its round, and the report gives the median fraction and the min-max over
+rounds. Models are FastVLM-sized with random weights (speed does not depend on the
+values), built once per device and dtype. ``LimitSettings.smoke()`` is the same run at
+toy sizes, for tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+
+from fastvlm.bench.gpu_common import (
+    TINY,
+    batch_prompt,
+    build_fastvlm,
+    decode_weight_bytes,
+    encoder_flops,
+    kv_bytes_per_row,
+    median_ms,
+)
+from fastvlm.dtypes import DTYPES
+from fastvlm.generation import cache_argument, decoder_step, prefill
+from fastvlm.measure import count_flops, machine_description, machine_line, markdown_table
+
+if TYPE_CHECKING:
+    from fastvlm.model import FastVLM, ModelInputs
+
+REPORT_JSON = "limits.json"
+REPORT_MD = "limits.md"
+BYTES_PER_MIB = 2**20
+MATMUL = "matmul"
+READ = "read"
+STAGES = ("encoder", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """What one run measures (the defaults are FastVLM-0.5B on the CPU)."""
+
+    llm: str = "0.5b"  # a released decoder size, or "tiny" (the smoke model)
+    devices: tuple[str, ...] = ("cpu",)
+    dtypes: tuple[str, ...] = ("fp32", "bf16")  # names in fastvlm.dtypes.DTYPES
+    resolutions: tuple[int, ...] = (256, 512, 1024)
+    rounds: int = 3
+    text_tokens: int = 32  # around the image marker: a template plus a short question
+    warmup: int = 1  # untimed calls before each encoder, prefill and ceiling measurement
+    repeats: int = 3  # timed calls (median)
+    decode_warmup: int = 2
+    decode_steps: int = 8  # timed decode steps (median)
+    matmul_n: int = 4096
+    buffer_mib: int = 1024
+
+    @classmethod
+    def smoke(cls, **changes: Any) -> LimitSettings:
+        """The whole run at toy sizes (a tiny tower and decoder, a small GEMM and buffer): seconds."""
+        small: dict[str, Any] = {
+            "llm": TINY,
+            "resolutions": (128,),
+            "rounds": 2,
+            "text_tokens": 8,
+            "repeats": 1,
+            "decode_warmup": 1,
+            "decode_steps": 2,
+            "matmul_n": 128,
+            "buffer_mib": 8,
+        }
+        return cls(**(small | changes))
+
+    def with_changes(self, **changes: Any) -> LimitSettings:
+        """These settings with ``changes`` (None values ignored): the command line's overrides."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# ------------------------------------------------------------------------------ ceilings
+
+
+@dataclass(frozen=True)
+class Timed:
+    """Work done by one call (FLOPs or bytes) and the median time of a call."""
+
+    work: float
+    ms: float
+
+    @property
+    def per_s(self) -> float:
+        return self.work / (self.ms / 1e3)
+
+
+def matmul_rate(n: int, dtype: torch.dtype, device: torch.device, *, warmup: int, repeats: int) -> Timed:
+    """An n x n by n x n product of random matrices: 2 n^3 FLOPs per call."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    return Timed(work=2 * n**3, ms=median_ms(lambda: a @ b, device, warmup=warmup, repeats=repeats))
+
+
+def read_rate(nbytes: int, device: torch.device, *, warmup: int, repeats: int) -> Timed:
+    """``torch.sum`` over an fp32 buffer of ``nbytes``: bytes read per call.
+
+    The buffer is written first: untouched pages may all map to one zero page, which
+    would be read from the cache.
+    """
+    buffer = torch.full((nbytes // 4,), 1.0, device=device)
+    return Timed(work=buffer.nbytes, ms=median_ms(lambda: buffer.sum(), device, warmup=warmup, repeats=repeats))
+
+
+def copy_rate(nbytes: int, device: torch.device, *, warmup: int, repeats: int) -> Timed:
+    """A copy of an ``nbytes`` buffer into another: bytes read plus bytes written per call."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return Timed(work=2 * src.nbytes, ms=median_ms(lambda: dst.copy_(src), device, warmup=warmup, repeats=repeats))
+
+
+# ------------------------------------------------------------------------------ work per stage
+
+
+def prefill_flops(text: Qwen2Config, tokens: int) -> int:
+    """FLOPs of the decoder over ``tokens`` embedded positions, keeping one position's logits.
+
+    Counted on the meta device (no compute), as the encoder's are. No mask or positions
+    are passed: transformers reads their values to choose a mask, which meta tensors do
+    not have; a prompt without padding takes the same causal path.
+    """
+    text = copy.deepcopy(text)  # building a model edits its config
+    text._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        lm = Qwen2ForCausalLM(text).eval()
+        embeds = torch.empty(1, tokens, text.hidden_size)
+        return count_flops(
+            lambda: lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{cache_argument(lm): DynamicCache()})
+        )
+
+
+def decode_step_bytes(text: Qwen2Config, dtype: torch.dtype, kv_tokens: int) -> int:
+    """Bytes one batch-1 decode step reads: the decoder weights and a ``kv_tokens``-long KV cache."""
+    return decode_weight_bytes(text, dtype) + kv_bytes_per_row(text, dtype, kv_tokens)
+
+
+# ------------------------------------------------------------------------------ records
+
+
+@dataclass
+class Sample:
+    """One measurement of one round: a ceiling or a stage."""
+
+    round: int
+    device: str
+    stage: str  # "matmul" or "read" (ceilings), "encoder", "prefill" or "decode"
+    dtype: str
+    resolution: int | None  # stages only
+    tokens: int | None  # encoder: visual tokens; prefill: prompt tokens; decode: KV length
+    work: float  # FLOPs (matmul, encoder, prefill) or bytes (read, decode) per call
+    ms: float
+    per_s: float  # work / time
+    limit_per_s: float | None = None  # the same round's ceiling (stages only)
+    fraction: float | None = None  # per_s / limit_per_s
+
+
+@dataclass
+class CeilingRow:
+    """A ceiling over the rounds."""
+
+    device: str
+    kind: str  # "matmul" or "read"
+    dtype: str
+    work: float
+    median_ms: float
+    per_s: float  # median over the rounds
+    min_per_s: float
+    max_per_s: float
+
+
+@dataclass
+class StageRow:
+    """A stage at one resolution and dtype over the rounds; rates and fractions are medians."""
+
+    device: str
+    stage: str
+    resolution: int
+    dtype: str
+    tokens: int
+    work: float  # FLOPs or bytes per call
+    median_ms: float
+    per_s: float
+    limit: str  # "matmul" or "read"
+    limit_per_s: float
+    fraction: float
+    min_fraction: float
+    max_fraction: float
+    tokens_per_s: float | None = None  # decode only
+    bound_tokens_per_s: float | None = None  # decode only: the step's bytes at the read bandwidth
+
+
+@dataclass
+class LimitsReport:
+    meta: dict
+    settings: dict
+    ceilings: list[CeilingRow] = field(default_factory=list)
+    rows: list[StageRow] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ the run
+
+READ_DTYPE = "fp32"  # the read buffer's dtype (the bandwidth does not depend on it)
+
+
+def limit_key(stage: str, dtype: str) -> tuple[str, str]:
+    """The ceiling a stage is held against: the matmul rate of its dtype, or the read bandwidth."""
+    return (READ, READ_DTYPE) if stage == "decode" else (MATMUL, dtype)
+
+
+class _Round:
+    """One round on one device: ceilings first, then every stage; each result appended to ``samples``."""
+
+    def __init__(
+        self,
+        settings: LimitSettings,
+        device: torch.device,
+        index: int,
+        samples: list[Sample],
+        counts: dict[tuple[str, int], int],
+    ) -> None:
+        self.settings, self.device, self.index = settings, device, index
+        self.samples, self.counts = samples, counts  # counts: FLOPs per (stage, resolution), shared by the rounds
+        self.timing = {"warmup": settings.warmup, "repeats": settings.repeats}
+        self.ceilings: dict[tuple[str, str], float] = {}  # (kind, dtype) -> per second, this round
+
+    def record(
+        self, stage: str, dtype: str, timed: Timed, resolution: int | None = None, tokens: int | None = None
+    ) -> None:
+        sample = Sample(
+            round=self.index,
+            device=str(self.device),
+            stage=stage,
+            dtype=dtype,
+            resolution=resolution,
+            tokens=tokens,
+            work=timed.work,
+            ms=timed.ms,
+            per_s=timed.per_s,
+        )
+        if stage in STAGES:
+            sample.limit_per_s = self.ceilings[limit_key(stage, dtype)]
+            sample.fraction = sample.per_s / sample.limit_per_s
+        else:
+            self.ceilings[(stage, dtype)] = sample.per_s
+        self.samples.append(sample)
+
+    def flops(self, stage: str, resolution: int, count: Callable[[], int]) -> int:
+        if (stage, resolution) not in self.counts:
+            self.counts[(stage, resolution)] = count()
+        return self.counts[(stage, resolution)]
+
+    def measure_ceilings(self, tick: Callable[[str], None]) -> None:
+        for dtype in self.settings.dtypes:
+            self.record(MATMUL, dtype, matmul_rate(self.settings.matmul_n, DTYPES[dtype], self.device, **self.timing))
+            tick(f"matmul {dtype}")
+        nbytes = self.settings.buffer_mib * BYTES_PER_MIB
+        self.record(READ, READ_DTYPE, read_rate(nbytes, self.device, **self.timing))
+        tick("read bandwidth")
+
+    def measure_stages(self, model: FastVLM, dtype: str, resolution: int, tick: Callable[[str], None]) -> None:
+        """Encoder, prefill and decode of ``model`` (weights in ``dtype``) on one image of ``resolution`` px."""
+        config = model.config
+        gen = torch.Generator().manual_seed(0)
+        pixels = torch.rand(1, 3, resolution, resolution, generator=gen).to(self.device)
+        features: list[torch.Tensor] = []  # the last call's visual tokens, for the prompt
+
+        def encode() -> None:
+            features[:] = [model.encode_images(pixels)]
+
+        flops = self.flops("encoder", resolution, lambda: encoder_flops(config, resolution))
+        ms = median_ms(encode, self.device, **self.timing)
+        self.record("encoder", dtype, Timed(flops, ms), resolution, config.num_image_tokens(resolution))
+        tick(f"{dtype} {resolution} px encoder")
+
+        ids = batch_prompt(self.settings.text_tokens, config.text.vocab_size, 1)
+        inputs = model.prepare_inputs(ids, image_features=features[0])
+        length = inputs.inputs_embeds.shape[1]
+        last: list[tuple[DynamicCache, torch.Tensor]] = []  # the last prefill's cache and logits
+
+        def run_prefill() -> None:
+            last[:] = [prefill(model, inputs)]
+
+        flops = self.flops("prefill", resolution, lambda: prefill_flops(config.text, length))
+        ms = median_ms(run_prefill, self.device, **self.timing)
+        self.record("prefill", dtype, Timed(flops, ms), resolution, length)
+        tick(f"{dtype} {resolution} px prefill")
+
+        self.measure_decode(model, dtype, resolution, inputs, *last[0])
+        tick(f"{dtype} {resolution} px decode")
+
+    def measure_decode(
+        self,
+        model: FastVLM,
+        dtype: str,
+        resolution: int,
+        inputs: ModelInputs,
+        cache: DynamicCache,
+        prompt_logits: torch.Tensor,
+    ) -> None:
+        """Greedy steps one after another from the prompt's ``cache``, as generation takes them."""
+        token = prompt_logits.argmax(-1)  # [1]
+        mask = inputs.attention_mask  # [1, L], one column more per step
+        position = inputs.position_ids[:, -1:]  # [1, 1]
+
+        def step() -> None:
+            nonlocal token, mask, position
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            position = position + 1
+            step_logits = decoder_step(
+                model, cache, input_ids=token[:, None], attention_mask=mask, position_ids=position
+            )
+            token = step_logits.argmax(-1)
+
+        warmup, steps = self.settings.decode_warmup, self.settings.decode_steps
+        kv = inputs.inputs_embeds.shape[1] + warmup + steps // 2 + 1  # the KV length of the median timed step
+        ms = median_ms(step, self.device, warmup=warmup, repeats=steps)
+        self.record("decode", dtype, Timed(decode_step_bytes(model.config.text, DTYPES[dtype], kv), ms), resolution, kv)
+
+
+def run_limits(settings: LimitSettings, *, progress: bool = True) -> LimitsReport:
+    """Every ceiling and stage of ``settings``, ``settings.rounds`` times over, summarised."""
+    report = LimitsReport(meta=run_description(), settings=asdict(settings))
+    models = {
+        (device, dtype): build_fastvlm(
+            settings.llm, settings.resolutions[0], device=torch.device(device), dtype=DTYPES[dtype]
+        )
+        for device in settings.devices
+        for dtype in settings.dtypes
+    }
+    per_round = len(settings.dtypes) + 1 + len(STAGES) * len(settings.dtypes) * len(settings.resolutions)
+    total = settings.rounds * len(settings.devices) * per_round
+    counts: dict[tuple[str, int], int] = {}
+    with torch.inference_mode(), tqdm(total=total, desc="limits", unit="measurement", disable=not progress) as bar:
+        for index in range(settings.rounds):
+            for device in settings.devices:
+
+                def tick(what: str, where: str = f"round {index + 1} {device}") -> None:
+                    bar.set_postfix_str(f"{where}: {what}")
+                    bar.update()
+
+                one = _Round(settings, torch.device(device), index, report.samples, counts)
+                one.measure_ceilings(tick)
+                for dtype in settings.dtypes:
+                    for resolution in settings.resolutions:
+                        one.measure_stages(models[(device, dtype)], dtype, resolution, tick)
+    report.ceilings, report.rows = summarize(report.samples)
+    return report
+
+
+def run_description() -> dict:
+    """The machine, plus the library version the decoder's speed depends on."""
+    return machine_description() | {"transformers": importlib.metadata.version("transformers")}
+
+
+# ------------------------------------------------------------------------------ summary and report
+
+
+def summarize(samples: list[Sample]) -> tuple[list[CeilingRow], list[StageRow]]:
+    """Ceilings and stages over the rounds: medians, and the min-max of each rate or fraction."""
+    groups: dict[tuple[str, str, str, int | None], list[Sample]] = {}
+    for s in samples:
+        groups.setdefault((s.device, s.stage, s.dtype, s.resolution), []).append(s)
+    ceilings, rows = [], []
+    for (device, stage, dtype, resolution), group in groups.items():
+        rates = [s.per_s for s in group]
+        ms = statistics.median(s.ms for s in group)
+        if resolution is None:
+            ceilings.append(
+                CeilingRow(
+                    device=device,
+                    kind=stage,
+                    dtype=dtype,
+                    work=group[0].work,
+                    median_ms=ms,
+                    per_s=statistics.median(rates),
+                    min_per_s=min(rates),
+                    max_per_s=max(rates),
+                )
+            )
+            continue
+        fractions = [s.fraction for s in group if s.fraction is not None]
+        limits = [s.limit_per_s for s in group if s.limit_per_s is not None]
+        row = StageRow(
+            device=device,
+            stage=stage,
+            resolution=resolution,
+            dtype=dtype,
+            tokens=group[0].tokens or 0,
+            work=group[0].work,
+            median_ms=ms,
+            per_s=statistics.median(rates),
+            limit=limit_key(stage, dtype)[0],
+            limit_per_s=statistics.median(limits),
+            fraction=statistics.median(fractions),
+            min_fraction=min(fractions),
+            max_fraction=max(fractions),
+        )
+        if stage == "decode":
+            row.tokens_per_s = statistics.median(1e3 / s.ms for s in group)
+            row.bound_tokens_per_s = statistics.median(limit / s.work for s, limit in zip(group, limits, strict=True))
+        rows.append(row)
+    return ceilings, rows
+
+
+def _num(value: float) -> str:
+    """Three significant figures, thousands separated."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _rate(kind: str, per_s: float) -> str:
+    return f"{_num(per_s / 1e9)} GB/s" if kind == READ else f"{_num(per_s / 1e9)} GFLOP/s"
+
+
+def _percent(row: StageRow) -> str:
+    return f"{_num(100 * row.fraction)}% ({_num(100 * row.min_fraction)}–{_num(100 * row.max_fraction)}%)"
+
+
+def format_report(report: LimitsReport) -> str:
+    """The report as markdown: a header naming the machine, the ceilings, then the stages."""
+    s = report.settings
+    ceiling_names = {MATMUL: f"matmul {s['matmul_n']}²", READ: f"read (sum over {s['buffer_mib']} MiB)"}
+    ceilings = [
+        [
+            c.device,
+            ceiling_names[c.kind],
+            c.dtype,
+            f"{_num(c.work / 1e9)} GFLOP" if c.kind == MATMUL else f"{_num(c.work / 1e6)} MB",
+            f"{c.median_ms:,.1f}",
+            _rate(c.kind, c.per_s),
+            f"{_num(c.min_per_s / 1e9)}–{_num(c.max_per_s / 1e9)}",
+        ]
+        for c in report.ceilings
+    ]
+    stages = [
+        [
+            r.device,
+            r.stage,
+            str(r.resolution),
+            r.dtype,
+            str(r.tokens),
+            f"{_num(r.work / 1e6)} MB/step" if r.limit == READ else f"{_num(r.work / 1e9)} GFLOP",
+            f"{r.median_ms:,.1f}",
+            _rate(r.limit, r.per_s),
+            f"{r.limit} {_rate(r.limit, r.limit_per_s)}",
+            _percent(r),
+            "" if r.tokens_per_s is None else f"{r.tokens_per_s:.1f}",
+            "" if r.bound_tokens_per_s is None else f"{r.bound_tokens_per_s:.1f}",
+        ]
+        for r in report.rows
+    ]
+    model = "tiny smoke model" if s["llm"] == TINY else f"FastVLM-{s['llm'].upper()}"
+    header = [
+        f"# {model} against this machine's limits (random weights, batch 1)",
+        "",
+        f"{machine_line(report.meta)}, transformers {report.meta['transformers']}.",
+        f"{s['rounds']} rounds, one after another (ceilings included); in each, a ceiling, encoder or prefill is the "
+        f"median of {s['repeats']} calls after {s['warmup']} warm-up, decode the median of {s['decode_steps']} steps "
+        f"after {s['decode_warmup']}. Prompt: {s['text_tokens']} text tokens + the visual tokens. Fractions are "
+        "taken within a round: median over rounds (min–max).",
+        "",
+        "## Ceilings",
+        "",
+        markdown_table(["device", "ceiling", "dtype", ">work", ">median ms", ">rate", ">min–max"], ceilings),
+        "",
+        "## Stages",
+        "",
+        markdown_table(
+            [
+                "device",
+                "stage",
+                ">px",
+                "dtype",
+                ">tokens",
+                ">work",
+                ">median ms",
+                ">achieved",
+                "limit",
+                ">fraction",
+                ">tok/s",
+                ">bound tok/s",
+            ],
+            stages,
+        ),
+    ]
+    return "\n".join(header) + "\n"
+
+
+def write_report(report: LimitsReport, out_dir: str | Path) -> list[Path]:
+    """``limits.json`` (meta, settings, ceilings, rows, every round's samples) and ``limits.md`` in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {out / REPORT_JSON: json.dumps(asdict(report), indent=2) + "\n", out / REPORT_MD: format_report(report)}
+    for path, text in files.items():
+        path.write_text(text)
+    return list(files)
