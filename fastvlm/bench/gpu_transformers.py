@@ -20,6 +20,7 @@ import dataclasses
 import inspect
 import statistics
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -75,9 +76,13 @@ def build_transformers_fastvlm(config: FastVLMConfig, *, device: torch.device, d
 
 def image_token_prompt(config: Any, text_tokens: int, visual_tokens: int, batch: int) -> torch.Tensor:
     """Our benchmark prompt with its image marker expanded to ``visual_tokens`` image tokens."""
-    ids = batch_prompt(text_tokens, config.text_config.vocab_size, batch)  # [B, text_tokens + 1]
+    return expand_image_marker(batch_prompt(text_tokens, config.text_config.vocab_size, batch), config, visual_tokens)
+
+
+def expand_image_marker(ids: torch.Tensor, config: Any, visual_tokens: int) -> torch.Tensor:
+    """[B, L] ids with one image marker (-200) each -> the same prompt with ``visual_tokens`` image tokens."""
     split = int((ids[0] == IMAGE_TOKEN_INDEX).nonzero()[0])
-    image = torch.full((batch, visual_tokens), config.image_token_id, dtype=ids.dtype)
+    image = torch.full((ids.shape[0], visual_tokens), config.image_token_id, dtype=ids.dtype)
     return torch.cat([ids[:, :split], image, ids[:, split + 1 :]], dim=1)
 
 
@@ -90,14 +95,41 @@ def _projected(output: Any) -> torch.Tensor:
     return output
 
 
-def _generate(model: Any, ids: torch.Tensor, pixels: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def generate_ids(model: Any, ids: torch.Tensor, pixels: torch.Tensor, new_tokens: int, **options: Any) -> torch.Tensor:
+    """Greedy ``generate`` of ``new_tokens`` tokens: [B, L + new_tokens] (the prompt first).
+
+    ``options`` go to ``generate`` as well (a ``streamer``, say).
+    """
     return model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         pixel_values=pixels,
         max_new_tokens=new_tokens,
         do_sample=False,
+        **options,
     )
+
+
+def latency_calls(model: Any, ids: torch.Tensor, pixels: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The timed calls at one input: ``encoder``, ``prefill`` (visual tokens given) and ``ttft``.
+
+    ``ids`` carry the image tokens (:func:`expand_image_marker`); the prefill's embedded
+    prompt is computed here, once, so that each call does only the work it names.
+    """
+    with torch.inference_mode():
+        features = _projected(model.get_image_features(pixel_values=pixels))
+        embeds = model.get_input_embeddings()(ids)
+        mask = (ids == model.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(type(model).forward).parameters else {}
+
+    def encoder() -> object:
+        return model.get_image_features(pixel_values=pixels)
+
+    def prefill() -> object:
+        return model(inputs_embeds=embeds, use_cache=True, **keep)
+
+    return {"encoder": encoder, "prefill": prefill, "ttft": lambda: generate_ids(model, ids, pixels, 1)}
 
 
 def measure_latency(model: Any, size: str, resolution: int, settings: GpuSettings) -> LatencyRow:
@@ -116,28 +148,15 @@ def measure_latency(model: Any, size: str, resolution: int, settings: GpuSetting
         visual_tokens=features.shape[1],
         prompt_tokens=ids.shape[1],
     )
-
-    def encode() -> object:
-        return model.get_image_features(pixel_values=pixels)
-
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(type(model).forward).parameters else {}
+    calls = latency_calls(model, ids, pixels)
     with torch.inference_mode():
-        row.encoder_ms = attempt(row.notes, "encoder", lambda: median_ms(encode, device, **timing))
+        row.encoder_ms = attempt(row.notes, "encoder", lambda: median_ms(calls["encoder"], device, **timing))
         if device.type == "cuda":
             row.encoder_graph_ms = attempt(
-                row.notes, "encoder_graph", lambda: graph_replay_ms(encode, device, **timing)
+                row.notes, "encoder_graph", lambda: graph_replay_ms(calls["encoder"], device, **timing)
             )
-        embeds = model.get_input_embeddings()(ids)
-        mask = (ids == model.config.image_token_id).unsqueeze(-1)
-        embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
-        row.prefill_ms = attempt(
-            row.notes,
-            "prefill",
-            lambda: median_ms(lambda: model(inputs_embeds=embeds, use_cache=True, **keep), device, **timing),
-        )
-    row.ttft_ms = attempt(
-        row.notes, "ttft", lambda: median_ms(lambda: _generate(model, ids, pixels, 1), device, **timing)
-    )
+        row.prefill_ms = attempt(row.notes, "prefill", lambda: median_ms(calls["prefill"], device, **timing))
+    row.ttft_ms = attempt(row.notes, "ttft", lambda: median_ms(calls["ttft"], device, **timing))
     if device.type != "cuda":
         row.notes["encoder_graph"] = "skipped: CUDA graphs need a GPU"
     return row
@@ -172,15 +191,15 @@ def measure_decode(
     )
 
     def measure() -> float:
-        _generate(model, ids, pixels, 2)  # warm-up
-        out, row.peak_gib = with_peak_gib(lambda: _generate(model, ids, pixels, n), device)
+        generate_ids(model, ids, pixels, 2)  # warm-up
+        out, row.peak_gib = with_peak_gib(lambda: generate_ids(model, ids, pixels, n), device)
         if out.shape[1] - ids.shape[1] != n:
             row.notes["decode"] = f"generate stopped after {out.shape[1] - ids.shape[1]} of {n} tokens"
         full = statistics.median(
-            _wall_s(lambda: _generate(model, ids, pixels, n), device) for _ in range(settings.decode_runs)
+            _wall_s(lambda: generate_ids(model, ids, pixels, n), device) for _ in range(settings.decode_runs)
         )
         first = statistics.median(
-            _wall_s(lambda: _generate(model, ids, pixels, 1), device) for _ in range(settings.decode_runs)
+            _wall_s(lambda: generate_ids(model, ids, pixels, 1), device) for _ in range(settings.decode_runs)
         )
         return batch * (n - 1) / max(full - first, 1e-9)
 

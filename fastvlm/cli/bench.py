@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fastvlm.cli import bench_serve
+from fastvlm.cli import bench_compare, bench_serve
 from fastvlm.cli.common import (
     DTYPES,
     LLM_SIZES,
@@ -51,6 +51,7 @@ def register(subparsers: Subparsers) -> None:
     _register_gpu(subparsers)
     _register_limits(subparsers)
     bench_serve.register(subparsers)
+    bench_compare.register(subparsers)
 
 
 def _add_resolutions(parser: argparse.ArgumentParser, **kwargs: Any) -> None:
