@@ -1,37 +1,55 @@
-"""Weight-only int8/int4 quantization of the decoder through torchao, for our own runtime.
+"""Weight-only int8/int4 quantization of the decoder, for our own runtime.
 
-``FastVLM.from_pretrained(path, quantization="int8" | "int4")`` (and ``--quantization`` on
-``fastvlm predict``/``chat``) call :func:`quantize_decoder` once the weights are loaded.
+``FastVLM.from_pretrained(path, quantization="int8" | "int8-head" | "int4")`` (and
+``--quantization`` on ``fastvlm predict``/``chat``) call :func:`quantize_decoder` once the
+weights are loaded.
 
 What is quantized: every ``nn.Linear`` of the Qwen2 decoder (attention and MLP projections),
 the part that holds nearly all of the weights and is read once per generated token. Left in
 floating point:
 
-* the vision tower: small (~125M parameters for FastViTHD), conv-heavy (torchao's weight-only
-  configs target linear layers) and run once per image, not once per token;
+* the vision tower: small (~125M parameters for FastViTHD), conv-heavy and run once per
+  image, not once per token;
 * the projector: two small linear layers run once per image, whose error would reach every
   visual token;
 * the token embedding, and ``lm_head`` when it is tied to it (the released 0.5B and 1.5B
-  checkpoints): quantizing a tied head either unties it (a second copy of the largest matrix,
-  so memory grows) or makes every embedding lookup dequantize the whole table. An untied
-  ``lm_head`` (7B) is an ordinary linear layer and is quantized.
+  checkpoints) under ``"int8"``: quantizing the shared matrix would either untie it or make
+  the embedding lookups quantized. An untied ``lm_head`` (7B) is an ordinary linear layer and
+  is quantized.
 
-The methods (torchao 0.18, weight-only, activations stay in the model's dtype):
+The methods (weight-only, activations stay in the model's dtype):
 
-* ``int8``: :class:`torchao.quantization.Int8WeightOnlyConfig`, symmetric per output row.
-  Runs on any device and dtype. In eager mode torchao converts the int8 weight to the
-  activation dtype at each call, so it saves memory but is not faster than the floating-point
-  model on CPU (it was written for ``torch.compile``, which fuses the conversion).
-* ``int4``: asymmetric groups of 128 (64 or 32 when a layer's input width needs it).
+* ``int8``: symmetric, one scale per output row. On CPU our own
+  :class:`fastvlm.linears.Int8WeightOnlyLinear`, which runs ATen's int8 weight-only kernel
+  (``_weight_int8pack_mm``) for decode-sized inputs: it reads one byte per weight, so decode
+  is faster as well as smaller. That kernel is vectorised for bf16 activations only, so the
+  layer's input rows are rounded to bf16 for it (in an fp32 model too; the output returns
+  in the model's dtype), and prefill-sized inputs (more than
+  :data:`fastvlm.linears.KERNEL_MAX_ROWS` rows) multiply by the dequantised weight instead.
+  Elsewhere (CUDA), or with ``kernel="torchao"``, torchao's ``Int8WeightOnlyConfig``: in
+  eager mode it converts the int8 weight to the activation dtype at every call, so it saves
+  memory but is slower than the floating-point model on CPU (it was written for
+  ``torch.compile``, which fuses the conversion).
+* ``int8-head``: ``int8`` plus, when ``lm_head`` is tied to the embedding, a separate int8
+  copy of the head (the embedding stays as it is for lookups). The head is the largest
+  single read of a decode step (151,936 x 896 for 0.5B: 544 MB in fp32 against 1.4 GB for
+  all other decoder linears), so this is what takes int8 decode from ~2x to ~3-4x the fp32
+  step's bytes; it costs vocab x hidden bytes plus 2 bytes per row of memory (136 MB for
+  0.5B, 233 MB for 1.5B). An explicit choice because it adds memory where ``int8`` saves.
+* ``int4``: torchao, asymmetric groups of 128 (64 or 32 when a layer's input width needs it).
   On CPU: torchao's ``PrototypeInt4WeightOnlyConfig`` (``Int4OpaqueTensor``), which packs
   for ATen's tinygemm CPU kernel (``_weight_int4pack_mm_for_cpu``); it runs with fp32, bf16
   and fp16 activations, and is fastest in bf16. On CUDA: ``Int4WeightOnlyConfig`` with the
   ``tile_packed_to_4d`` format (tinygemm's CUDA kernel), which requires bf16. torchao's
   default int4 format (``plain``) needs the ``mslk`` kernels and is not used.
 
+bf16 models need no quantization to read half the bytes, but on CPU ``F.linear`` with one row
+of bf16 is no faster than fp32; :func:`use_gemv_decode` routes those rows through
+``torch.mv`` (see :mod:`fastvlm.linears`).
+
 A quantized model cannot be saved (:meth:`FastVLM.save_pretrained` refuses): the packed
-formats are torchao's and device-specific, and quantizing at load time takes seconds, so
-checkpoints stay in floating point and ``quantization=`` is passed when loading.
+formats are device-specific, and quantizing at load time takes seconds, so checkpoints stay
+in floating point and ``quantization=`` is passed when loading.
 """
 
 from __future__ import annotations
@@ -44,13 +62,25 @@ import torch
 from torch import nn
 
 from fastvlm.errors import ConfigError
+from fastvlm.linears import GemvLinear, Int8WeightOnlyLinear
 
 if TYPE_CHECKING:
     from fastvlm.model import FastVLM
 
-__all__ = ["QUANTIZATIONS", "decoder_linears", "quantize_decoder", "tensor_bytes", "weight_bytes"]
+__all__ = [
+    "KERNELS",
+    "QUANTIZATIONS",
+    "decode_step_bytes",
+    "decoder_linears",
+    "layer_bytes",
+    "quantize_decoder",
+    "tensor_bytes",
+    "use_gemv_decode",
+    "weight_bytes",
+]
 
-QUANTIZATIONS = ("int8", "int4")
+QUANTIZATIONS = ("int8", "int8-head", "int4")
+KERNELS = ("auto", "aten", "torchao")  # who runs int8: auto = aten on CPU, torchao elsewhere
 INT4_GROUP_SIZES = (128, 64, 32)  # the group sizes tinygemm packs, largest (smallest scale overhead) first
 INSTALL_HINT = 'torchao is not installed; pip install "fastvlm[export]" (or pip install torchao)'
 
@@ -62,38 +92,92 @@ def check_quantization(name: str | None) -> str | None:
     return name
 
 
-def decoder_linears(model: FastVLM) -> dict[str, nn.Linear]:
-    """The decoder's linear layers that :func:`quantize_decoder` quantizes, by module name."""
+def _head_is_separate(model: FastVLM) -> bool:
+    """Whether ``lm_head`` has a matrix of its own (untied, or the int8 copy of a tied one)."""
     lm = model.language_model
-    found = {f"model.{name}": m for name, m in lm.model.named_modules() if isinstance(m, nn.Linear)}
-    if not model.config.text.tie_word_embeddings:
+    head_weight = getattr(lm.lm_head, "weight", None)  # an Int8WeightOnlyLinear has qweight instead
+    return not model.config.text.tie_word_embeddings or head_weight is not lm.model.embed_tokens.weight
+
+
+def decoder_linears(model: FastVLM) -> dict[str, nn.Module]:
+    """The decoder's linear layers that :func:`quantize_decoder` quantizes (or has), by module name.
+
+    Each is an ``nn.Linear`` (possibly holding a torchao tensor) or an
+    :class:`~fastvlm.linears.Int8WeightOnlyLinear`; ``lm_head`` is included when it has a
+    matrix of its own (untied, or the int8 copy ``"int8-head"`` makes of a tied head).
+    """
+    lm = model.language_model
+    kinds = (nn.Linear, Int8WeightOnlyLinear)
+    found: dict[str, nn.Module] = {f"model.{name}": m for name, m in lm.model.named_modules() if isinstance(m, kinds)}
+    if _head_is_separate(model):
         found["lm_head"] = lm.lm_head
     return found
 
 
-def quantize_decoder(model: FastVLM, name: str) -> FastVLM:
-    """Quantize the decoder's linear weights in place with torchao (``"int8"`` or ``"int4"``).
+def quantize_decoder(model: FastVLM, name: str, *, kernel: str = "auto") -> FastVLM:
+    """Quantize the decoder's linear weights in place (``"int8"``, ``"int8-head"`` or ``"int4"``).
 
     The vision tower, projector and embeddings are untouched (see the module docstring).
-    Sets ``model.quantization``; returns ``model``. Refuses a model already quantized, an
-    unknown name, a missing torchao and a device/dtype combination the method cannot run.
+    ``kernel`` picks who runs int8: ``"aten"`` (our layer on ATen's kernel), ``"torchao"``,
+    or ``"auto"``: aten on CPU, torchao elsewhere; int4 is always torchao's. Sets
+    ``model.quantization``; returns ``model``. Refuses a model already quantized, an unknown
+    name or kernel, a missing torchao and a device/dtype combination the method cannot run.
     """
     check_quantization(name)
+    if kernel not in KERNELS:
+        raise ConfigError(f"unknown int8 kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
     if getattr(model, "quantization", None) is not None:
         raise ConfigError(f"this model is already quantized ({model.quantization}); load it again to change that")
-    linears = decoder_linears(model)
     device, dtype = model.device, model.dtype
-    config = _int8_config() if name == "int8" else _int4_config(device, dtype, linears.values())
+    aten = name != "int4" and (kernel == "aten" or (kernel == "auto" and device.type == "cpu"))
+    config = None  # the aten layers need none; torchao's configs are built (and torchao imported) before any change
+    if name == "int4":
+        config = _int4_config(device, dtype, decoder_linears(model).values())
+    elif not aten:
+        config = _int8_config()
+    lm = model.language_model
+    if name == "int8-head" and not _head_is_separate(model):  # a copy of the tied head, quantized below
+        head = nn.Linear(lm.lm_head.in_features, lm.lm_head.out_features, bias=False, device="meta")
+        head.weight = nn.Parameter(lm.model.embed_tokens.weight.detach().clone(), requires_grad=False)
+        lm.lm_head = head
+    linears = decoder_linears(model)
+    if aten:
+        with torch.no_grad():
+            for module_name, module in linears.items():
+                assert isinstance(module, nn.Linear)
+                lm.set_submodule(module_name, Int8WeightOnlyLinear.from_weight(module.weight, module.bias))
+    else:
+        _quantize_with_torchao(lm, config, linears)
+    model.quantization = name
+    return model
+
+
+def _quantize_with_torchao(lm: nn.Module, config: Any, linears: dict[str, nn.Module]) -> None:
     from torchao.quantization import quantize_
 
     targets = set(map(id, linears.values()))
     logging.getLogger("torchao").setLevel(logging.WARNING)  # it logs each layer it skips at INFO
     with torch.no_grad():
-        quantize_(model.language_model, config, filter_fn=lambda m, _fqn: id(m) in targets)
+        quantize_(lm, config, filter_fn=lambda m, _fqn: id(m) in targets)
     unquantized = [n for n, m in linears.items() if not is_quantized(m.weight)]
     if unquantized:  # torchao skips a layer it cannot quantize silently: make that loud
         raise ConfigError(f"torchao left {len(unquantized)} decoder layers unquantized ({unquantized[0]}, ...)")
-    model.quantization = name
+
+
+def use_gemv_decode(model: FastVLM) -> FastVLM:
+    """Route one-row bf16/fp16 inputs of the decoder's linear layers (tied head included) through ``torch.mv``.
+
+    On CPU this reads a bf16 weight at the memory's pace where ``F.linear`` does not (see
+    :mod:`fastvlm.linears`); other rows, dtypes and devices are computed as before. The
+    layers keep their parameters (same tensors, same state dict; a tied head stays tied).
+    Quantized layers are left alone. Returns ``model``.
+    """
+    lm = model.language_model
+    linears = {f"model.{name}": m for name, m in lm.model.named_modules() if type(m) is nn.Linear}
+    if type(lm.lm_head) is nn.Linear:
+        linears["lm_head"] = lm.lm_head
+    for name, module in linears.items():
+        lm.set_submodule(name, GemvLinear.from_linear(module))
     return model
 
 
@@ -152,6 +236,25 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in _leaves(tensor))
 
 
+def layer_bytes(module: nn.Module) -> int:
+    """Bytes of a linear layer's weight in whatever form it has (int8 data and scales included), bias excluded."""
+    if isinstance(module, Int8WeightOnlyLinear):
+        return tensor_bytes(module.qweight) + tensor_bytes(module.scales)
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return tensor_bytes(weight)
+
+
 def weight_bytes(model: FastVLM) -> int:
-    """Bytes of the weights :func:`quantize_decoder` quantizes (or would), whatever their form."""
-    return sum(tensor_bytes(m.weight) for m in decoder_linears(model).values())
+    """Bytes of the weights :func:`quantize_decoder` quantizes (or has), whatever their form."""
+    return sum(layer_bytes(m) for m in decoder_linears(model).values())
+
+
+def decode_step_bytes(model: FastVLM) -> int:
+    """Bytes of weights one batch-1 decode step reads: every decoder linear and the head, tied or not.
+
+    The embedding lookup (one row) and the norms are left out; the KV cache is not a weight.
+    """
+    lm = model.language_model
+    head = 0 if _head_is_separate(model) else layer_bytes(lm.lm_head)
+    return weight_bytes(model) + head

@@ -1,0 +1,145 @@
+"""Linear layers for batch-1 decode on CPU, where a step reads every decoder weight once.
+
+Decode at batch 1 multiplies a single row by each weight matrix (a GEMV): its speed is the
+rate at which the weights stream from memory, so fewer bytes per weight should mean more
+tokens per second. Two things stand in the way in eager PyTorch on CPU, and this module
+works around both:
+
+* **bf16 weights through** ``F.linear`` **are no faster than fp32**: ``aten::mm`` with one
+  row takes a GEMM path that does not read bf16 weights faster (measured on an Intel Xeon
+  with AVX-512 BF16, torch 2.13: about the time of the fp32 layer). ``torch.mv`` on the same
+  row-major weight runs ATen's reduced-precision GEMV kernel (dot products along each
+  contiguous row, fp32 accumulation), which reads the weight at the memory's pace.
+  :class:`GemvLinear` takes that path for one-row bf16/fp16 inputs on CPU.
+* **int8 weights**: torchao's eager int8 tensor converts the whole weight to the activation
+  dtype at every call (more bytes moved, not fewer). ATen has a CPU kernel for exactly
+  this case, ``aten._weight_int8pack_mm(x, w_int8[N, K], scales[N])``, which reads the int8
+  weight once and scales each output; in torch 2.13 it takes bf16, fp16 or fp32 activations
+  (scales in the same dtype) but is vectorised for bf16 only (fp32 and fp16 are several
+  times slower than the fp32 layer). :class:`Int8WeightOnlyLinear` therefore rounds a
+  row's activations to bf16 for the kernel and returns the result in the input's dtype.
+  For many rows (prefill) the kernel is slower than one dequantisation plus a GEMM, so
+  above :data:`KERNEL_MAX_ROWS` rows the weight is dequantised for that call.
+
+Neither module changes what is stored under the layer's parameter names for a float model;
+the int8 layer holds ``qweight`` (int8, [N, K]) and ``scales`` ([N]) instead of ``weight``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["KERNEL_MAX_ROWS", "GemvLinear", "Int8WeightOnlyLinear", "quantize_rows_int8"]
+
+KERNEL_MAX_ROWS = 16  # up to this many rows the int8 kernel beats dequantise + GEMM (measured: 2-3x at 1-16 rows)
+GEMV_DTYPES = (torch.bfloat16, torch.float16)  # F.linear is as fast as mv for fp32; only these gain
+INT8_MAX = 127
+
+
+def _eager_on_cpu(x: torch.Tensor) -> bool:
+    """Whether ``x`` is on CPU and not being traced (a traced graph must not bake in a shape-dependent branch)."""
+    return (
+        x.device.type == "cpu"
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+    )
+
+
+class GemvLinear(nn.Linear):
+    """``nn.Linear`` whose one-row bf16/fp16 CPU inputs go through ``torch.mv`` (see the module docstring).
+
+    Same parameters, same state dict and same result as ``nn.Linear`` (up to the order of
+    the fp32 accumulation); other inputs, devices and dtypes take ``F.linear`` unchanged.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> GemvLinear:
+        """A GemvLinear that shares ``linear``'s weight and bias (no copy)."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if (
+            weight.dtype in GEMV_DTYPES
+            and x.dtype == weight.dtype
+            and type(weight) in (torch.Tensor, nn.Parameter)
+            and x.numel() == x.shape[-1]
+            and _eager_on_cpu(x)
+        ):
+            out = torch.mv(weight, x.reshape(-1))
+            if self.bias is not None:
+                out = out + self.bias
+            return out.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, weight, self.bias)
+
+
+def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: ``(q [N, K] int8, scales [N] bf16)`` with ``weight ≈ q * scales[:, None]``.
+
+    The scale maps each row's largest magnitude to 127 (as torchao's ``Int8WeightOnlyConfig``
+    does), rounded to bf16 before the row is rounded against it; an all-zero row gets scale 1
+    so that nothing divides by zero.
+    """
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / INT8_MAX).to(torch.bfloat16)
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(w / scales.float()[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q.contiguous(), scales
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """A linear layer holding an int8 weight with one scale per output row; activations stay float.
+
+    ``qweight`` [out, in] int8 and ``scales`` [out] bf16 (the dtype the CPU kernel is fast
+    in; the rows are rounded against the bf16 scale, so the kernel and the dequantised path
+    multiply by the same weight) are buffers; ``bias`` stays in the model's dtype. One to
+    :data:`KERNEL_MAX_ROWS` rows run ATen's ``_weight_int8pack_mm`` on CPU with bf16
+    activations; more rows, and other devices, multiply by the dequantised weight.
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        if qweight.dtype != torch.int8 or qweight.dim() != 2 or scales.shape != qweight.shape[:1]:
+            raise ValueError(
+                f"expected an int8 [out, in] weight and [out] scales, got {qweight.dtype} {tuple(qweight.shape)} "
+                f"and {tuple(scales.shape)}"
+            )
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8WeightOnlyLinear:
+        """Quantize a float ``weight`` [out, in] (and keep ``bias``)."""
+        q, scales = quantize_rows_int8(weight)
+        return cls(q, scales, bias)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight the layer multiplies by, as float [out, in] in ``dtype``."""
+        return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if 0 < rows <= KERNEL_MAX_ROWS and _eager_on_cpu(x):
+            flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
+            scales = self.scales.to(torch.bfloat16)  # a no-op unless a module.to(dtype) converted the buffer
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, scales).to(x.dtype)
+            out = out.reshape(*x.shape[:-1], self.out_features)
+        else:
+            out = F.linear(x, self.dequantized(x.dtype))
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
