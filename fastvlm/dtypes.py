@@ -1,4 +1,8 @@
-"""The dtype names the command line and the server accept, and the torch dtypes they mean."""
+"""The dtype names the command line and the server accept, and the torch dtypes they mean.
+
+``auto`` (``predict``/``chat --dtype auto``) is not a dtype: it asks ``from_pretrained`` to
+choose each stage's precision by measurement (:mod:`fastvlm.precision`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import torch
 from fastvlm.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTO = "auto"
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -15,3 +20,8 @@ def dtype_from_name(name: str) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ConfigError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}") from None
+
+
+def load_dtype_from_name(name: str) -> torch.dtype | str:
+    """What ``from_pretrained(dtype=...)`` takes for ``name``: a torch dtype, or ``"auto"`` itself."""
+    return AUTO if name == AUTO else dtype_from_name(name)

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import Qwen2ForCausalLM
 
 from fastvlm.config import FastVLMConfig
-from fastvlm.errors import CheckpointError, OutputExistsError
+from fastvlm.errors import CheckpointError, ConfigError, OutputExistsError
 from fastvlm.files import read_json, resolve_checkpoint
 from fastvlm.formats import (
     CheckpointFormat,
@@ -66,6 +66,7 @@ if TYPE_CHECKING:  # generation imports this module; these names are for annotat
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from fastvlm.generation import ChatSession, GenerationResult, TextStream
+    from fastvlm.precision import PrecisionChoice
     from fastvlm.processing import ImageInput
 
 
@@ -91,6 +92,19 @@ class ModelInputs:
         return 0 if self.image_features is None else self.image_features.shape[0] * self.image_features.shape[1]
 
 
+def _check_auto_dtype(dtype: torch.dtype | str | None, *, fuse: bool, quantization: str | None) -> bool:
+    """Whether ``dtype`` is ``"auto"``; a ConfigError for another string or a conflicting option."""
+    if not isinstance(dtype, str):
+        return False
+    if dtype != "auto":
+        raise ConfigError(f"dtype {dtype!r}: pass a torch dtype or 'auto'")
+    if quantization is not None:
+        raise ConfigError("dtype='auto' chooses the decoder's form itself; drop quantization= (or pass a torch dtype)")
+    if not fuse:
+        raise ConfigError("dtype='auto' tunes the inference model; it needs fuse=True")
+    return True
+
+
 class FastVLM(nn.Module):
     """Vision tower + projector + Qwen2 decoder, with loading, saving and generation."""
 
@@ -107,6 +121,7 @@ class FastVLM(nn.Module):
         self.source_path: Path | None = None
         self.generation_eos_token_id: int | list[int] | None = None  # from generation_config.json
         self.quantization: str | None = None  # "int8"/"int4" once the decoder is quantized (fastvlm.quantization)
+        self.precision: PrecisionChoice | None = None  # the per-stage choice of dtype="auto" (fastvlm.precision)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -310,7 +325,7 @@ class FastVLM(nn.Module):
         path_or_hub_id: str | os.PathLike,
         *,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype | None = torch.float32,
+        dtype: torch.dtype | str | None = torch.float32,
         fuse: bool = True,
         image_mode: str | None = None,
         quantization: str | None = None,
@@ -321,8 +336,12 @@ class FastVLM(nn.Module):
         the tower to its fused inference form; pass ``fuse=False`` to train.
         ``quantization`` (``"int8"`` or ``"int4"``) quantizes the decoder's linear weights
         with torchao once loaded; see :mod:`fastvlm.quantization`.
+        ``dtype="auto"`` loads fp32 and picks each stage's precision (encoder fp32/bf16,
+        decoder fp32/bf16/int8) by measuring them on this machine within a quality bound,
+        cached per machine; the choice is ``model.precision``. See :mod:`fastvlm.precision`.
         """
         check_quantization(quantization)  # a typo is reported before the weights are read
+        auto = _check_auto_dtype(dtype, fuse=fuse, quantization=quantization)
         folder = resolve_checkpoint(path_or_hub_id)
         checkpoint = read_checkpoint(folder)
         config, ours = checkpoint.config, checkpoint.tensors
@@ -342,7 +361,9 @@ class FastVLM(nn.Module):
         if tied:
             ours.pop(OUR_LM_HEAD, None)
             expected = {k: v for k, v in expected.items() if k != OUR_LM_HEAD}
-        model.load_state_dict(materialize(expected, ours, device=device, dtype=dtype), strict=False, assign=True)
+        load_dtype = torch.float32 if auto else dtype
+        assert not isinstance(load_dtype, str)  # "auto" is the only name, checked above
+        model.load_state_dict(materialize(expected, ours, device=device, dtype=load_dtype), strict=False, assign=True)
         model._finish_loading(device)
         model.tokenizer = load_tokenizer(folder)
         if config.image_token_id is None:  # the authors' checkpoints: use the tokenizer's <image>, if it has one
@@ -355,7 +376,12 @@ class FastVLM(nn.Module):
             model.vision_tower.fuse()
         if quantization is not None:
             quantize_decoder(model, quantization)
-        return model.eval()
+        model.eval()
+        if auto:
+            from fastvlm.precision import auto_precision
+
+            auto_precision(model)
+        return model
 
     def _finish_loading(self, device: torch.device | str) -> None:
         """Tie embeddings and rebuild the rotary tables, which a meta-device build leaves empty."""

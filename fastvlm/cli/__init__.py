@@ -23,10 +23,11 @@ Subcommands:
   bench-serve --model M | --url U          load test (1/4/16/64 clients) and soak of an OpenAI-compatible server
   export onnx MODEL OUT                    ONNX graphs for onnxruntime / Transformers.js (predict --backend onnx)
   export coreml MODEL OUT                  the vision encoder as a Core ML package
+  tune-precision MODEL [--retune]          per-stage precision (fp32/bf16/int8) measured here, cached
 
 One module per command group (:mod:`~fastvlm.cli.model`, :mod:`~fastvlm.cli.data`,
 :mod:`~fastvlm.cli.train`, :mod:`~fastvlm.cli.eval`, :mod:`~fastvlm.cli.serve`,
-:mod:`~fastvlm.cli.bench`, :mod:`~fastvlm.cli.export`), each with
+:mod:`~fastvlm.cli.bench`, :mod:`~fastvlm.cli.export`, :mod:`~fastvlm.cli.precision`), each with
 ``register(subparsers)`` that adds its commands with their flags next to their handlers;
 flags several commands share live in :mod:`~fastvlm.cli.common`.
 
@@ -42,14 +43,14 @@ import argparse
 import sys
 import traceback
 
-from fastvlm.cli import bench, data, export, model, serve, train
+from fastvlm.cli import bench, data, export, model, precision, serve, train
 from fastvlm.cli import eval as evaluation
 from fastvlm.errors import FastVLMError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
-COMMAND_GROUPS = (model, data, train, evaluation, serve, bench, export)
+COMMAND_GROUPS = (model, data, train, evaluation, serve, bench, export, precision)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,11 +10,12 @@ line prints as one line.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
-from fastvlm.dtypes import DTYPES
+from fastvlm.dtypes import AUTO, DTYPES, load_dtype_from_name
 from fastvlm.errors import CheckpointError, UsageError
 
 if TYPE_CHECKING:
@@ -37,9 +38,9 @@ THREADS_HELP = "torch CPU threads (default: torch's choice)"
 # ------------------------------------------------------------------------------ flag sets
 
 
-def add_dtype(parser: argparse.ArgumentParser, flag: str = "--dtype", **kwargs: Any) -> None:
-    """A dtype flag (fp32, bf16 or fp16); ``kwargs`` are argparse's (default, help)."""
-    parser.add_argument(flag, choices=sorted(DTYPES), **kwargs)
+def add_dtype(parser: argparse.ArgumentParser, flag: str = "--dtype", *, auto: bool = False, **kwargs: Any) -> None:
+    """A dtype flag (fp32, bf16 or fp16, and ``auto`` if asked); ``kwargs`` are argparse's (default, help)."""
+    parser.add_argument(flag, choices=[*sorted(DTYPES), *([AUTO] if auto else [])], **kwargs)
 
 
 def add_llm_size(parser: argparse.ArgumentParser, help: str | None = None) -> None:
@@ -62,18 +63,22 @@ def add_rows_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="also write the rows and machine description to this JSON file")
 
 
-def add_model_loading_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of :func:`load_model`: checkpoint, device, dtype, image handling."""
+def add_model_loading_arguments(parser: argparse.ArgumentParser, *, auto_dtype: bool = False) -> None:
+    """The flags of :func:`load_model`: checkpoint, device, dtype, image handling.
+
+    ``auto_dtype`` adds ``--dtype auto`` (precision per stage chosen by measurement, cached).
+    """
     parser.add_argument("--model", required=True, help="checkpoint folder (authors', transformers' or ours) or hub id")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-    add_dtype(parser, default="fp32")
+    auto_help = "; auto: per-stage precision measured on this machine (cached; see fastvlm tune-precision)"
+    add_dtype(parser, auto=auto_dtype, default="fp32", help="default: fp32" + (auto_help if auto_dtype else ""))
     parser.add_argument("--image-mode", choices=["pad", "crop"], help="pad to square (authors) or centre-crop")
     parser.add_argument("--allow-large-images", action="store_true", help="lift the 100-megapixel guard")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, *, auto_dtype: bool = False) -> None:
     """Model loading plus the sampling flags of :func:`generation_kwargs`."""
-    add_model_loading_arguments(parser)
+    add_model_loading_arguments(parser, auto_dtype=auto_dtype)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --temperature > 0)")
@@ -139,10 +144,12 @@ def load_model(args: argparse.Namespace) -> FastVLM:
     model = FastVLM.from_pretrained(
         args.model,
         device=args.device,
-        dtype=DTYPES[args.dtype],
+        dtype=load_dtype_from_name(args.dtype),
         image_mode=args.image_mode,
         quantization=getattr(args, "quantization", None),  # predict and chat have --quantization
     )
+    if model.precision is not None:  # --dtype auto: say what was chosen, beside the answer's timings
+        print(f"[dtype auto: {model.precision.describe()}]", file=sys.stderr)
     if args.allow_large_images:
         model.image_processor.max_pixels = None
     if model.tokenizer is None:

@@ -50,7 +50,7 @@ def register(subparsers: Subparsers) -> None:
 
 def _register_predict_and_chat(subparsers: Subparsers) -> None:
     p = subparsers.add_parser("predict", help="answer a question about an image")
-    add_model_arguments(p)
+    add_model_arguments(p, auto_dtype=True)
     p.add_argument("--image", help="image file (omit for a text-only prompt)")
     p.add_argument("--prompt", required=True, help="the question, or a full qwen_2 prompt with <image>")
     p.add_argument("--json", action="store_true", help="print text, token ids and timings as JSON")
@@ -59,7 +59,7 @@ def _register_predict_and_chat(subparsers: Subparsers) -> None:
     p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser("chat", help="an interactive conversation about an image")
-    add_model_arguments(p)
+    add_model_arguments(p, auto_dtype=True)
     p.add_argument("--image", help="image file (omit for text-only chat)")
     _add_quantization(p)
     p.set_defaults(func=cmd_chat)

@@ -14,6 +14,7 @@ COMMANDS = {
     *["bench", "bench-ttft", "bench-train", "bench-eval", "bench-encoder", "bench-gpu"],  # cli/bench.py
     "bench-serve",  # cli/bench_serve.py
     "export",  # cli/export.py (onnx), cli/export_coreml.py (coreml)
+    "tune-precision",  # cli/precision.py
 }
 
 
