@@ -1,4 +1,4 @@
-"""Quantized ONNX variants (and torchao's PyTorch int8/int4): size, CPU latency, quality vs fp32.
+"""Quantized ONNX variants (and PyTorch int8/int4 through fastvlm.quantization): size, CPU latency, quality vs fp32.
 
     python benchmarks/export_quality.py --make-model results/export_quality/model_0.5b_512   # the issue's run
     python benchmarks/export_quality.py --model DIR [--onnx EXPORTED] [--samples 8 --steps 16]
@@ -9,7 +9,8 @@ Exports ``--model`` to ONNX (fp32, with :func:`fastvlm.export.onnx.export_onnx`)
 (:mod:`fastvlm.bench.export_quality`): total size of the three graphs, median latency of the
 vision encoder (one image) and of one cached decode step, and top-1 agreement / mean KL of the
 next-token distributions against fp32, teacher-forced on fp32's greedy answers to a seeded set
-of prompts and random images. The torchao rows load the PyTorch model with
+of prompts and random images. The PyTorch rows (`--torchao`, named for the first version, which
+ran torchao for both) load the PyTorch model with
 ``FastVLM.from_pretrained(..., quantization=...)`` and are scored against the same fp32 ONNX
 distributions. Writes ``table.md`` and ``results.json`` in ``--out``.
 

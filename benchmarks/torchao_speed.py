@@ -77,7 +77,7 @@ def measure(name: str, args: argparse.Namespace, forced: list[int] | None) -> Ro
     dtype, quantization = VARIANTS[name]
     model = FastVLM.from_config(fastvlm_config("0.5b"), dtype=dtype, seed=0)
     if quantization is not None:
-        quantize_decoder(model, quantization)
+        quantize_decoder(model, quantization, kernel="torchao")  # this script measures torchao itself
     prompt = torch.randint(0, 1000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
     decode(model, prompt, 2, forced)  # warm-up
     row = decode(model, prompt, args.tokens, forced)

@@ -1,5 +1,5 @@
 """What each quantized ONNX variant costs and buys: file size, onnxruntime CPU latency, and its
-next-token distributions against the fp32 graphs (plus torchao's PyTorch int8/int4 rows).
+next-token distributions against the fp32 graphs (plus the PyTorch int8/int4 rows of fastvlm.quantization).
 
 Quality is measured teacher-forced: the fp32 graphs answer a fixed, seeded set of prompts and
 images greedily, and every variant then reads the same prompt + fp32 continuation in one pass,
@@ -202,11 +202,11 @@ def onnx_exact_match(graphs: OnnxGraphs, folder: Path, data_file: Path, tokenize
     return sum(hits) / max(len(hits), 1)
 
 
-# ----------------------------------------------------------------------------- torchao rows
+# ----------------------------------------------------------------------------- PyTorch rows
 
 
 class TorchModel:
-    """The PyTorch model (fp32, or torchao int8/int4) behind the same measurements."""
+    """The PyTorch model (fp32, or int8/int4 through fastvlm.quantization) behind the same measurements."""
 
     def __init__(self, model_path: Path, quantization: str | None) -> None:
         import torch
@@ -215,7 +215,7 @@ class TorchModel:
 
         self.torch = torch
         self.model = FastVLM.from_pretrained(model_path, quantization=quantization).eval()
-        self.variant = f"torchao {quantization}" if quantization else "torch fp32"
+        self.variant = f"torch {quantization}" if quantization else "torch fp32"
 
     def total_bytes(self) -> int:
         from fastvlm.quantization import tensor_bytes

@@ -21,6 +21,8 @@ Subcommands:
   bench-encoder                            FastViTHD latency, unfused vs fused (also benchmarks/encoder_latency.py)
   bench-gpu [--smoke]                      0.5B/1.5B/7B on a GPU vs transformers: encoder, TTFT, decode, memory
   bench-serve --model M | --url U          load test (1/4/16/64 clients) and soak of an OpenAI-compatible server
+  bench-limits                             encoder, prefill, decode against this machine's matmul rate, bandwidth
+  bench-vs-transformers                    ours vs transformers' FastVLM on the same weights (needs timm: .venv-hf)
   export onnx MODEL OUT                    ONNX graphs for onnxruntime / Transformers.js (predict --backend onnx)
   export coreml MODEL OUT                  the vision encoder as a Core ML package
   tune-precision MODEL [--retune]          per-stage precision (fp32/bf16/int8) measured here, cached

@@ -11,8 +11,9 @@ COMMANDS = {
     *["predict", "chat", "convert", "info", "convert-tower", "init"],  # cli/model.py
     *["data", "train", "eval", "eval-rescore"],  # cli/data.py, cli/train.py, cli/eval.py
     "serve",  # cli/serve.py
-    *["bench", "bench-ttft", "bench-train", "bench-eval", "bench-encoder", "bench-gpu"],  # cli/bench.py
+    *["bench", "bench-ttft", "bench-train", "bench-eval", "bench-encoder", "bench-gpu", "bench-limits"],  # cli/bench.py
     "bench-serve",  # cli/bench_serve.py
+    "bench-vs-transformers",  # cli/bench_compare.py
     "export",  # cli/export.py (onnx), cli/export_coreml.py (coreml)
     "tune-precision",  # cli/precision.py
 }
