@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -159,7 +159,7 @@ def _quantize_with_torchao(lm: nn.Module, config: Any, linears: dict[str, nn.Mod
     logging.getLogger("torchao").setLevel(logging.WARNING)  # it logs each layer it skips at INFO
     with torch.no_grad():
         quantize_(lm, config, filter_fn=lambda m, _fqn: id(m) in targets)
-    unquantized = [n for n, m in linears.items() if not is_quantized(m.weight)]
+    unquantized = [n for n, m in linears.items() if not is_quantized(cast(torch.Tensor, m.weight))]
     if unquantized:  # torchao skips a layer it cannot quantize silently: make that loud
         raise ConfigError(f"torchao left {len(unquantized)} decoder layers unquantized ({unquantized[0]}, ...)")
 

@@ -23,7 +23,7 @@ LAYERS = [
     {"fastvlm.vision"},
     {"fastvlm.processing", "fastvlm.presets", "fastvlm.config"},
     {"fastvlm.formats"},
-    {"fastvlm.model", "fastvlm.generation", "fastvlm.quantization", "fastvlm.precision"},
+    {"fastvlm.model", "fastvlm.generation", "fastvlm.quantization", "fastvlm.linears", "fastvlm.precision"},
     {"fastvlm.train", "fastvlm.eval", "fastvlm.serve", "fastvlm.export"},
     {"fastvlm.bench"},
     {"fastvlm.cli", "fastvlm.integrations"},

@@ -392,7 +392,8 @@ def _register_limits(subparsers: Subparsers) -> None:
 
 
 def cmd_bench_limits(args: argparse.Namespace) -> None:
-    from fastvlm.bench.limits import LimitSettings, format_report, run_limits, write_report
+    from fastvlm.bench.limits import LimitSettings, run_limits
+    from fastvlm.bench.limits_report import format_report, write_report
 
     set_threads(args.threads)
     if args.resolutions:

@@ -9,18 +9,15 @@ import torch
 
 from fastvlm.bench.gpu_common import encoder_flops, model_config
 from fastvlm.bench.limits import (
-    REPORT_JSON,
-    REPORT_MD,
     LimitSettings,
-    Sample,
     copy_rate,
     decode_step_bytes,
     matmul_rate,
     prefill_flops,
     read_rate,
     run_limits,
-    summarize,
 )
+from fastvlm.bench.limits_report import REPORT_JSON, REPORT_MD, Sample, summarize
 from fastvlm.cli import main
 from fastvlm.model import FastVLM
 

@@ -153,6 +153,19 @@ def test_tower_gets_its_own_learning_rate(tiny_init, tiny_data, tmp_path):
 # ------------------------------------------------------------------------------ checkpoints and resume
 
 
+def test_same_seed_same_machine_repeats_the_run_exactly_and_another_seed_does_not(tiny_init, tiny_data, tmp_path):
+    # what the README promises for examples/train_from_scratch.sh: identical losses and weights,
+    # bit for bit, on the same machine and versions; its SEED changes the batch order
+    runs = [
+        train(tiny_config(tiny_init, tiny_data, tmp_path / name, max_steps=4, seed=seed))
+        for name, seed in (("a", 0), ("b", 0), ("c", 1))
+    ]
+    assert runs[0].losses == runs[1].losses
+    a, b = (load_file(r.final_model / "model.safetensors") for r in runs[:2])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert runs[2].losses != runs[0].losses
+
+
 def test_resumed_run_repeats_the_uninterrupted_losses(tiny_init, tiny_data, tmp_path):
     full = train(tiny_config(tiny_init, tiny_data, tmp_path / "full", max_steps=6, save_every=2))
     cut = train(tiny_config(tiny_init, tiny_data, tmp_path / "cut", max_steps=6, save_every=2), stop_after=4)
