@@ -1,6 +1,6 @@
 """The dtype names the command line and the server accept, and the torch dtypes they mean.
 
-``auto`` (``predict``/``chat --dtype auto``) is not a dtype: it asks ``from_pretrained`` to
+``auto`` (``predict``, ``chat`` and ``serve --dtype auto``) is not a dtype: it asks ``from_pretrained`` to
 choose each stage's precision by measurement (:mod:`fastvlm.precision`).
 """
 
@@ -25,3 +25,11 @@ def dtype_from_name(name: str) -> torch.dtype:
 def load_dtype_from_name(name: str) -> torch.dtype | str:
     """What ``from_pretrained(dtype=...)`` takes for ``name``: a torch dtype, or ``"auto"`` itself."""
     return AUTO if name == AUTO else dtype_from_name(name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"fp32"`` etc. (the inverse of :func:`dtype_from_name`)."""
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ConfigError(f"dtype {dtype} has no name here; expected one of {', '.join(map(str, DTYPES.values()))}")

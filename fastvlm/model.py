@@ -22,6 +22,7 @@ from torch import nn
 from transformers import Qwen2ForCausalLM
 
 from fastvlm.config import FastVLMConfig
+from fastvlm.dtypes import dtype_name
 from fastvlm.errors import CheckpointError, ConfigError, OutputExistsError
 from fastvlm.files import read_json, resolve_checkpoint
 from fastvlm.formats import (
@@ -142,6 +143,15 @@ class FastVLM(nn.Module):
 
     def _tower_dtype(self) -> torch.dtype:
         return next(p for p in self.vision_tower.parameters()).dtype
+
+    def stage_precision(self) -> dict[str, str]:
+        """Each stage's form, named as ``dtype="auto"`` names its candidates (fp32, bf16, int8, bf16+int8).
+
+        The server lists it on ``/v1/models``, so a client can see what ``--dtype auto`` chose.
+        """
+        decoder = [] if self.dtype == torch.float32 else [dtype_name(self.dtype)]
+        decoder += [self.quantization] if self.quantization else []
+        return {"encoder": dtype_name(self._tower_dtype()), "decoder": "+".join(decoder) or "fp32"}
 
     # ------------------------------------------------------------------ sequences
     def expand_image_markers(

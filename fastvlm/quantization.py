@@ -65,11 +65,14 @@ from fastvlm.errors import ConfigError
 from fastvlm.linears import GemvLinear, Int8WeightOnlyLinear
 
 if TYPE_CHECKING:
+    from transformers import Qwen2ForCausalLM
+
     from fastvlm.model import FastVLM
 
 __all__ = [
     "KERNELS",
     "QUANTIZATIONS",
+    "decode_read_bytes",
     "decode_step_bytes",
     "decoder_linears",
     "layer_bytes",
@@ -251,10 +254,20 @@ def weight_bytes(model: FastVLM) -> int:
 
 
 def decode_step_bytes(model: FastVLM) -> int:
-    """Bytes of weights one batch-1 decode step reads: every decoder linear and the head, tied or not.
+    """Bytes of weights one batch-1 decode step of ``model`` reads (:func:`decode_read_bytes`)."""
+    return decode_read_bytes(model.language_model)
 
-    The embedding lookup (one row) and the norms are left out; the KV cache is not a weight.
+
+def decode_read_bytes(lm: Qwen2ForCausalLM) -> int:
+    """Bytes of weights one batch-1 decode step of a Qwen2 causal LM reads, in whatever form they have.
+
+    Every linear (int8 data and scales included), bias and norm, and the head. The embedding
+    table is left out (a step looks up one row of it) unless it is also the head, and then it
+    counts once. The KV cache is not a weight. Works on a meta-device model, so the figure for
+    a config needs no weights (:func:`fastvlm.bench.gpu_common.decode_weight_bytes`).
     """
-    lm = model.language_model
-    head = 0 if _head_is_separate(model) else layer_bytes(lm.lm_head)
-    return weight_bytes(model) + head
+    embed = lm.model.embed_tokens.weight
+    head_is_embed = getattr(lm.lm_head, "weight", None) is embed
+    tensors: list[torch.Tensor] = [p for p in lm.parameters() if p is not embed or head_is_embed]  # tied: once
+    tensors += [t for m in lm.modules() if isinstance(m, Int8WeightOnlyLinear) for t in (m.qweight, m.scales)]
+    return sum(tensor_bytes(t) for t in tensors)

@@ -160,8 +160,12 @@ def test_decoder_weight_bytes_shrink(quantized: FastVLM, reference: FastVLM) -> 
 def test_decode_step_reads_fewer_bytes(quantized: FastVLM, reference: FastVLM) -> None:
     ratio = decode_step_bytes(quantized) / decode_step_bytes(reference)
     assert ratio < STEP_BYTES_RATIO[quantized.quantization], ratio
-    embed = reference.language_model.model.embed_tokens.weight
-    assert decode_step_bytes(reference) == weight_bytes(reference) + embed.numel() * 4  # the tied head counts once
+    lm = reference.language_model
+    norms_and_biases = sum(p.numel() for n, p in lm.named_parameters() if n.endswith(("bias", "norm.weight")))
+    every_tensor = sum(p.numel() * 4 for p in lm.parameters())  # the tied head is the embedding: listed once
+    assert decode_step_bytes(reference) == every_tensor
+    embedding = lm.model.embed_tokens.weight.numel()
+    assert decode_step_bytes(reference) == weight_bytes(reference) + (embedding + norms_and_biases) * 4
 
 
 def test_int4_with_bf16_activations() -> None:
@@ -272,3 +276,7 @@ def test_cli_predict_quantization(capsys: pytest.CaptureFixture[str]) -> None:
     assert '"token_ids"' in capsys.readouterr().out
     with pytest.raises(SystemExit):  # argparse lists the choices
         main([*args, "--prompt", PROMPT, "--quantization", "int2"])
+
+
+def test_the_model_names_each_stage_form(quantized: FastVLM) -> None:
+    assert quantized.stage_precision() == {"encoder": "fp32", "decoder": quantized.quantization}

@@ -5,7 +5,7 @@ should follow the bytes per step. Each variant is the same random FastVLM-sized 
 (``fastvlm_config(llm)``, seed 0), built afresh: fp32; bf16 as ``model.to(bf16)`` gives it;
 bf16 with :func:`~fastvlm.quantization.use_gemv_decode`; int8 on our ATen kernel, with and
 without the int8 copy of the tied head (``int8-head``); torchao's eager int8 (the old path);
-and torchao int4 with bf16 activations. The variants take turns in each round (so load from
+and torchao int4 with fp32 and with bf16 activations. The variants take turns in each round (so load from
 other processes spreads over all of them) and each reports the median of its rounds.
 
 The prompt is ``visual_tokens`` random image features plus ``text_tokens`` random text ids,
@@ -51,6 +51,7 @@ VARIANTS = (
     Variant("int8-head", torch.float32, "int8-head", "aten"),
     Variant("int8-head bf16", torch.bfloat16, "int8-head", "aten"),
     Variant("int8 torchao", torch.float32, "int8", "torchao"),
+    Variant("int4", torch.float32, "int4"),
     Variant("int4 bf16", torch.bfloat16, "int4"),
 )
 

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
+from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from fastvlm.bench.ttft import prompt_ids
 from fastvlm.measure import count_flops, synchronize
 from fastvlm.model import FastVLM, MultiModalProjector
 from fastvlm.presets import QWEN2_PRESETS, fastvlm_config, qwen2_config, resize_text_config
+from fastvlm.quantization import decode_read_bytes
 from fastvlm.vision import FastViT, FastViTConfig
 
 if TYPE_CHECKING:
@@ -183,10 +185,8 @@ def decode_weight_bytes(text: Qwen2Config, dtype: torch.dtype) -> int:
     """Bytes of the decoder weights one decode step reads (see the module docstring)."""
     with torch.device("meta"):
         lm = Qwen2ForCausalLM(copy.deepcopy(text))  # building a model edits its config
-    params = sum(p.numel() for p in lm.parameters())  # a tied head is counted once
-    if not text.tie_word_embeddings:
-        params -= lm.model.embed_tokens.weight.numel()
-    return params * torch.finfo(dtype).bits // 8
+    nn.Module.to(lm, dtype)
+    return decode_read_bytes(lm)
 
 
 def kv_bytes_per_row(text: Qwen2Config, dtype: torch.dtype, kv_tokens: int) -> int:

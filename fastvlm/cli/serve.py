@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastvlm.cli.common import Subparsers, add_model_loading_arguments, check_device
+from fastvlm.dtypes import AUTO
 from fastvlm.errors import UsageError
 from fastvlm.processing import DEFAULT_MAX_PIXELS
 from fastvlm.serve.media import MediaPolicy
@@ -57,7 +58,7 @@ VLLM_ONLY_FLAGS = (("--max-model-len", "max_model_len"), ("--tensor-parallel-siz
 def register(subparsers: Subparsers) -> None:
     serve, media = SERVE_DEFAULTS, SERVE_DEFAULTS.media
     p = subparsers.add_parser("serve", help="an OpenAI-compatible server (chat completions, page, metrics)")
-    add_model_loading_arguments(p)
+    add_model_loading_arguments(p, auto_dtype=True)
     # None: the engine's own default (ours: cpu, fp32; vLLM chooses its device and dtype itself).
     p.set_defaults(device=None, dtype=None)
     p.add_argument(
@@ -152,6 +153,11 @@ def _warn_if_open(options: ServeOptions) -> None:
 def _check_engine_flags(args: argparse.Namespace) -> None:
     """A UsageError for a flag the chosen engine has no use for (rather than ignoring it silently)."""
     if args.engine == "vllm":
+        if args.dtype == AUTO:
+            raise UsageError(
+                "--dtype auto (each stage's precision measured on this machine) is fastvlm's own server's; "
+                "with --engine vllm name fp32, bf16 or fp16, or leave --dtype out for vLLM's choice"
+            )
         given = [flag for flag, dest, default in FASTVLM_ONLY_FLAGS if getattr(args, dest) != default]
         if given:
             raise UsageError(

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from fastvlm.errors import ConfigError, DataError
 from fastvlm.eval.layouts import Layout, Sample
 from fastvlm.eval.tasks import TASKS, Task, get_task
+from fastvlm.files import write_text_atomic
 from fastvlm.measure import markdown_table
 from fastvlm.processing import DEFAULT_MAX_PIXELS, ImageError, PromptError
 
@@ -57,12 +58,6 @@ class AnsweringModel(Protocol):
     config: Any
 
     def generate(self, *args: Any, **kwargs: Any) -> Any: ...
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_predictions(path: Path) -> dict[str, dict]:
@@ -107,7 +102,7 @@ def _check_run(out: Path, settings: dict, overwrite: bool) -> None:
                 f"{out} holds predictions made with other settings ({diffs}); pass --overwrite to start over "
                 "or choose another --out"
             )
-    _write_atomically(run_file, json.dumps(settings, indent=2) + "\n")
+    write_text_atomic(run_file, json.dumps(settings, indent=2) + "\n")
 
 
 def _answer(model: AnsweringModel, batch: list[Sample], max_new_tokens: int, max_pixels: int | None) -> list[dict]:
@@ -282,7 +277,7 @@ def _score_and_write(
         **{k: settings.get(k) for k in ("layout", "protocol", "model", "data", "max_new_tokens")},
         **extra,
     }
-    _write_atomically(out / task.name / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / task.name / "results.json", json.dumps(results, indent=2) + "\n")
     write_summary(out)
     return results
 
@@ -328,5 +323,5 @@ def write_summary(out: Path) -> Path:
             rows.append([r["title"], r["metric"], score, f"{r['n']}{limited}", str(r["errors"]), r["protocol"]])
     table = markdown_table(["task", "metric", ">score", ">samples", ">errors", "protocol"], rows)
     path = out / "results.md"
-    _write_atomically(path, table + "\n")
+    write_text_atomic(path, table + "\n")
     return path

@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fastvlm.files import write_text_atomic
 from fastvlm.measure import machine_description
 
 if TYPE_CHECKING:
@@ -113,14 +113,6 @@ def read_cache(path: Path) -> dict[str, Any]:
 
 
 def write_cache(path: Path, entries: Mapping[str, Any]) -> None:
-    """Write the whole cache through a temporary file renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": CACHE_VERSION, "entries": entries}, f, indent=1, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the whole cache at once (:func:`~fastvlm.files.write_text_atomic`)."""
+    text = json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1, default=str)
+    write_text_atomic(path, text + "\n")

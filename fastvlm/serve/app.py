@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fastvlm.dtypes import dtype_from_name
+from fastvlm.dtypes import load_dtype_from_name
 from fastvlm.errors import FastVLMError, ImageError, PromptError
 from fastvlm.serve.completions import ClientGone, Completion, GenerationTimeout, LoopSink
 from fastvlm.serve.engine import Engine, QueueFullError
@@ -88,9 +88,11 @@ class ServerState:
                 model = FastVLM.from_pretrained(
                     options.model,
                     device=options.device,
-                    dtype=dtype_from_name(options.dtype),
+                    dtype=load_dtype_from_name(options.dtype),
                     image_mode=options.image_mode,
                 )
+                if model.precision is not None:  # --dtype auto: what was measured (or read from the cache)
+                    log.info("dtype auto: %s", model.precision.describe())
             service = self._start(model)
             try:
                 service.warm_up()
@@ -289,6 +291,7 @@ def create_app(options: ServeOptions, model: FastVLM | None = None, *, resolve: 
             "created": state.created,
             "owned_by": "fastvlm",
             "max_model_len": service.model.config.context_length,
+            "precision": service.model.stage_precision(),
         }
         return JSONResponse({"object": "list", "data": [card]})
 

@@ -145,6 +145,7 @@ def test_the_limit_of_images_is_passed_as_json():
         (["--max-model-len", "512"], "--max-model-len: only with --engine vllm"),
         (["--", "--enforce-eager"], "the arguments '--enforce-eager': only with --engine vllm"),
         (["--engine", "vllm", "--dtype", "fp16", "--max-model-len", "0"], "must be >= 1"),
+        (["--engine", "vllm", "--dtype", "auto"], "--dtype auto (each stage's precision measured on this machine)"),
     ],
 )
 def test_flags_the_engine_cannot_honour_are_one_line_errors(flags, message, capsys):
