@@ -35,6 +35,12 @@ def register(subparsers: Subparsers) -> None:
         metavar="KIND=W",
         help="share of each question kind, e.g. color=1 shape=2 count=1 word=1 (default: equal; kinds left out get 0)",
     )
+    p.add_argument(
+        "--all-questions",
+        action="store_true",
+        help="ask each training image every question its scene answers (one shape: its colour and its kind), "
+        "as turns of one conversation; held-out images keep one question",
+    )
     p.set_defaults(func=cmd_data_synth)
 
     p = data.add_parser("check", help="read a LLaVA-format .json/.jsonl file and report records that cannot be used")
@@ -64,6 +70,7 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
         test_fraction=args.test_fraction,
         binding=args.binding,
         kind_weights=_kind_weights(args.kind_weights) if args.kind_weights else None,
+        all_questions=args.all_questions,
     )
     print(f"wrote {args.num} examples: {files['train']}, {files['test']} and {Path(args.out) / 'images'}")
 

@@ -79,9 +79,21 @@ def check_kind_weights(weights: Mapping[str, float]) -> dict[str, float]:
 def make_example(
     rng: random.Random, size: int, *, binding: bool = False, kind_weights: Mapping[str, float] | None = None
 ) -> tuple[Image.Image, str, str]:
-    """(image, question, one-word answer) for one random scene.
+    """(image, question, one-word answer) for one random scene: the first question of :func:`make_scene`."""
+    img, questions = make_scene(rng, size, binding=binding, kind_weights=kind_weights)
+    return img, *questions[0]
 
-    The kind of question (:data:`KINDS`) is drawn uniformly, or in proportion to
+
+def make_scene(
+    rng: random.Random, size: int, *, binding: bool = False, kind_weights: Mapping[str, float] | None = None
+) -> tuple[Image.Image, list[tuple[str, str]]]:
+    """(image, [(question, one-word answer), ...]) for one random scene.
+
+    The first question is of the kind drawn; the others are the further questions the same
+    scene answers without new randomness (the one shape of a colour or shape question gets
+    both: its colour and its kind), so a training record can ask them all for one image.
+
+    The kind of the first question (:data:`KINDS`) is drawn uniformly, or in proportion to
     ``kind_weights`` (e.g. ``{"shape": 2, "color": 1, "count": 1, "word": 1}``: shape
     is the skill a small model trained from scratch learns last, see examples/).
 
@@ -105,7 +117,7 @@ def make_example(
         word = rng.choice(WORDS)
         font = ImageFont.load_default(size=size // 6)
         draw.text((size // 5, size // 3), word, fill=(20, 20, 20), font=font)
-        return img, "What word is written in the image? Answer with the word.", word
+        return img, [("What word is written in the image? Answer with the word.", word)]
     if kind == "count":
         target, color = rng.choice(SHAPES), rng.choice(colors)
         n = rng.randint(1, 4)
@@ -116,31 +128,29 @@ def make_example(
             question = f"How many {target}s are there? Answer with one word."
         else:
             question = "How many shapes are there? Answer with one word."
-        answer = NUMBER_WORDS[n]
+        questions = [(question, NUMBER_WORDS[n])]
     elif not binding:
         pick = Shape(rng.choice(SHAPES), rng.choice(colors), (0, 0, 0, 0))
         shapes = [pick]
-        if kind == "color":
-            question, answer = "What color is the shape? Answer with one word.", pick.color
-        else:
-            question, answer = "Which shape is in the image? Answer with one word.", pick.kind
+        color = ("What color is the shape? Answer with one word.", pick.color)
+        kind_of = ("Which shape is in the image? Answer with one word.", pick.kind)
+        questions = [color, kind_of] if kind == "color" else [kind_of, color]
     else:
         kinds = rng.sample(SHAPES, k=rng.randint(1, 3))
         chosen = rng.sample(colors, k=len(kinds))
         shapes = [Shape(k, c, (0, 0, 0, 0)) for k, c in zip(kinds, chosen, strict=True)]
         pick = rng.choice(shapes)
-        if kind == "color":
-            question, answer = f"What color is the {pick.kind}? Answer with one word.", pick.color
-        else:
-            question, answer = f"Which shape is {pick.color}? Answer with one word.", pick.kind
+        color = (f"What color is the {pick.kind}? Answer with one word.", pick.color)
+        kind_of = (f"Which shape is {pick.color}? Answer with one word.", pick.kind)
+        questions = [color, kind_of] if kind == "color" else [kind_of, color]
     for shape in shapes:
         box = _place(rng, size, taken, side)
         if box is None:  # no room: a simpler scene
-            return make_example(rng, size, binding=binding, kind_weights=kind_weights)
+            return make_scene(rng, size, binding=binding, kind_weights=kind_weights)
         shape.box = box
         taken.append(box)
         _draw_shape(draw, shape)
-    return img, question, answer
+    return img, questions
 
 
 def write_synthetic_dataset(
@@ -153,11 +163,15 @@ def write_synthetic_dataset(
     progress: bool = True,
     binding: bool = False,
     kind_weights: Mapping[str, float] | None = None,
+    all_questions: bool = False,
 ) -> dict[str, Path]:
     """Write ``images/``, ``train.jsonl`` and ``test.jsonl`` (LLaVA format) under ``out``.
 
-    ``kind_weights`` (see :func:`make_example`) applies to both splits, so the held-out
-    set has the training mix of questions.
+    ``kind_weights`` (see :func:`make_scene`) applies to both splits, so the held-out
+    set has the training mix of questions. ``all_questions`` gives each training record every
+    question its scene answers, as turns of one conversation (the image is encoded once for
+    all of them); held-out records keep one question each, so scores stay comparable. The
+    images and first questions are the same either way.
     """
     from tqdm.auto import tqdm
 
@@ -174,12 +188,16 @@ def write_synthetic_dataset(
     files = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
     with files["train"].open("w") as train, files["test"].open("w") as test:
         for i in tqdm(range(num), desc="synthetic data", disable=not progress, unit="image"):
-            img, question, answer = make_example(rng, size, binding=binding, kind_weights=kind_weights)
+            img, questions = make_scene(rng, size, binding=binding, kind_weights=kind_weights)
             name = f"images/{i:06d}.png"
             img.save(out / name)
-            conversation = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
+            held_out = i < n_test
+            conversation = []
+            for question, answer in questions if all_questions and not held_out else questions[:1]:
+                prefix = "" if conversation else "<image>\n"
+                conversation += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
             record = {"id": f"synth-{i:06d}", "image": name, "conversations": conversation}
-            (test if i < n_test else train).write(json.dumps(record) + "\n")
+            (test if held_out else train).write(json.dumps(record) + "\n")
     return files
 
 

@@ -202,3 +202,35 @@ def test_question_kind_weights_set_the_mix_and_bad_weights_are_named(tmp_path):
         with pytest.raises(ConfigError, match=message):
             write_synthetic_dataset(tmp_path / "bad", 4, size=64, kind_weights=bad, progress=False)
         assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+def test_all_questions_asks_each_training_image_what_its_scene_answers_and_keeps_the_test_split(tmp_path):
+    from fastvlm.train.synth import COLORS, SHAPES, question_kind
+
+    one = write_synthetic_dataset(tmp_path / "one", 40, size=128, seed=3, test_fraction=0.25, progress=False)
+    every = write_synthetic_dataset(
+        tmp_path / "all", 40, size=128, seed=3, test_fraction=0.25, progress=False, all_questions=True
+    )
+    assert every["test"].read_text() == one["test"].read_text()  # held-out: one question each, unchanged
+    assert (tmp_path / "one" / "images" / "000020.png").read_bytes() == (
+        tmp_path / "all" / "images" / "000020.png"
+    ).read_bytes()
+    singles = [json.loads(line) for line in one["train"].read_text().splitlines()]
+    records = list(iter_records(every["train"], image_root=tmp_path / "all", strict=True))
+    assert [r.id for r in records] == [s["id"] for s in singles]
+    both = 0
+    for single, record in zip(singles, records, strict=True):
+        questions, answers = record.turns[0::2], record.turns[1::2]
+        assert [role for role, _ in questions] == ["user"] * len(questions)
+        assert questions[0][1] == single["conversations"][0]["value"]  # the first question is the one-question set's
+        assert answers[0][1] == single["conversations"][1]["value"]
+        kinds = [question_kind(text.split("\n")[-1]) for _, text in questions]
+        if kinds[0] in ("color", "shape"):  # one shape: both its colour and its kind, each once
+            both += 1
+            assert sorted(kinds) == ["color", "shape"]
+            by_kind = dict(zip(kinds, (a for _, a in answers), strict=True))
+            assert by_kind["color"] in COLORS and by_kind["shape"] in SHAPES
+        else:
+            assert len(kinds) == 1
+        assert sum(text.count("<image>") for _, text in questions) == 1
+    assert both > 5
