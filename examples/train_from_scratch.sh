@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train a small FastVLM from scratch on synthetic data through stages 1 and 2 on a CPU,
 # then score exact-match answers on the held-out split and ask it one question.
-#   bash examples/train_from_scratch.sh [OUT] [SEED]     (about 20 minutes on 2 CPU cores)
+#   bash examples/train_from_scratch.sh [OUT] [SEED]     (about 30 minutes on 2 CPU cores)
 # SEED (default 0, or $FASTVLM_SEED) sets the random initial weights and the order of the
 # batches; the data and its held-out split are the same for every seed.
 set -euo pipefail

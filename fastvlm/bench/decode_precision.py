@@ -62,7 +62,7 @@ class DecodeRow:
     dtype: str
     quantization: str | None
     kernel: str
-    step_weight_mb: float  # weights read per decode step (decoder linears + head)
+    step_weight_mb: float  # weights read per decode step (quantization.decode_read_bytes)
     tokens_per_s: float  # median over rounds
     runs: list[float]
     vs_fp32: float

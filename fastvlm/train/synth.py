@@ -132,17 +132,17 @@ def make_scene(
     elif not binding:
         pick = Shape(rng.choice(SHAPES), rng.choice(colors), (0, 0, 0, 0))
         shapes = [pick]
-        color = ("What color is the shape? Answer with one word.", pick.color)
-        kind_of = ("Which shape is in the image? Answer with one word.", pick.kind)
-        questions = [color, kind_of] if kind == "color" else [kind_of, color]
+        ask_color = ("What color is the shape? Answer with one word.", pick.color)
+        ask_kind = ("Which shape is in the image? Answer with one word.", pick.kind)
+        questions = [ask_color, ask_kind] if kind == "color" else [ask_kind, ask_color]
     else:
         kinds = rng.sample(SHAPES, k=rng.randint(1, 3))
         chosen = rng.sample(colors, k=len(kinds))
         shapes = [Shape(k, c, (0, 0, 0, 0)) for k, c in zip(kinds, chosen, strict=True)]
         pick = rng.choice(shapes)
-        color = (f"What color is the {pick.kind}? Answer with one word.", pick.color)
-        kind_of = (f"Which shape is {pick.color}? Answer with one word.", pick.kind)
-        questions = [color, kind_of] if kind == "color" else [kind_of, color]
+        ask_color = (f"What color is the {pick.kind}? Answer with one word.", pick.color)
+        ask_kind = (f"Which shape is {pick.color}? Answer with one word.", pick.kind)
+        questions = [ask_color, ask_kind] if kind == "color" else [ask_kind, ask_color]
     for shape in shapes:
         box = _place(rng, size, taken, side)
         if box is None:  # no room: a simpler scene
@@ -192,7 +192,7 @@ def write_synthetic_dataset(
             name = f"images/{i:06d}.png"
             img.save(out / name)
             held_out = i < n_test
-            conversation = []
+            conversation: list[dict[str, str]] = []
             for question, answer in questions if all_questions and not held_out else questions[:1]:
                 prefix = "" if conversation else "<image>\n"
                 conversation += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
