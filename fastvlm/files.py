@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -184,20 +184,10 @@ def save_safetensors_atomic(
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    def write(tmp: str) -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        fsync_file(Path(tmp))  # on disk before it takes the final name
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    _replace_atomically(Path(path), write, fsync=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -205,15 +195,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
     Readers see the old content or the new, never half a file, even if the writer is killed.
     """
-    path = Path(path)
+    _replace_atomically(Path(path), lambda tmp: Path(tmp).write_text(text), fsync=False)
+
+
+def _replace_atomically(path: Path, write: Callable[[str], object], *, fsync: bool) -> None:
+    """``write`` a temporary file beside ``path`` (given its name), then rename it over ``path``.
+
+    ``fsync`` flushes the file to disk before the rename (weights: a crash must not leave a
+    named but empty file). A failure removes the temporary file and leaves ``path`` as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        if fsync:
+            fsync_file(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -91,8 +91,6 @@ class ServerState:
                     dtype=load_dtype_from_name(options.dtype),
                     image_mode=options.image_mode,
                 )
-                if model.precision is not None:  # --dtype auto: what was measured (or read from the cache)
-                    log.info("dtype auto: %s", model.precision.describe())
             service = self._start(model)
             try:
                 service.warm_up()
