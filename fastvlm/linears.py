@@ -53,7 +53,10 @@ class GemvLinear(nn.Linear):
 
     Same parameters, same state dict and same result as ``nn.Linear`` (up to the order of
     the fp32 accumulation); other inputs, devices and dtypes take ``F.linear`` unchanged.
+    ``use_mv = False`` sends every input to ``F.linear`` (to measure one path against the other).
     """
+
+    use_mv: bool = True
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> GemvLinear:
@@ -66,7 +69,8 @@ class GemvLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if (
-            weight.dtype in GEMV_DTYPES
+            self.use_mv
+            and weight.dtype in GEMV_DTYPES
             and x.dtype == weight.dtype
             and type(weight) in (torch.Tensor, nn.Parameter)
             and x.numel() == x.shape[-1]

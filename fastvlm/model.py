@@ -35,7 +35,7 @@ from fastvlm.formats import (
 )
 from fastvlm.formats.base import OUR_LM_HEAD
 from fastvlm.processing import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ImageProcessor, PromptError, pad_sequences
-from fastvlm.quantization import check_quantization, quantize_decoder
+from fastvlm.quantization import check_quantization, quantize_decoder, use_gemv_decode
 from fastvlm.state_dicts import check_state_dict, is_batch_counter, materialize
 from fastvlm.vision import FastViT
 
@@ -123,6 +123,7 @@ class FastVLM(nn.Module):
         self.generation_eos_token_id: int | list[int] | None = None  # from generation_config.json
         self.quantization: str | None = None  # "int8"/"int4" once the decoder is quantized (fastvlm.quantization)
         self.precision: PrecisionChoice | None = None  # the per-stage choice of dtype="auto" (fastvlm.precision)
+        use_gemv_decode(self)  # one-row bf16 decode steps read the weights at memory speed on CPU (fastvlm.linears)
 
     # ------------------------------------------------------------------ properties
     @property

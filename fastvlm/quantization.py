@@ -44,8 +44,8 @@ The methods (weight-only, activations stay in the model's dtype):
   default int4 format (``plain``) needs the ``mslk`` kernels and is not used.
 
 bf16 models need no quantization to read half the bytes, but on CPU ``F.linear`` with one row
-of bf16 is no faster than fp32; :func:`use_gemv_decode` routes those rows through
-``torch.mv`` (see :mod:`fastvlm.linears`).
+of bf16 is little faster than fp32; every :class:`FastVLM` routes those rows through
+``torch.mv`` (:func:`use_gemv_decode`, see :mod:`fastvlm.linears`).
 
 A quantized model cannot be saved (:meth:`FastVLM.save_pretrained` refuses): the packed
 formats are device-specific, and quantizing at load time takes seconds, so checkpoints stay
@@ -167,20 +167,27 @@ def _quantize_with_torchao(lm: nn.Module, config: Any, linears: dict[str, nn.Mod
         raise ConfigError(f"torchao left {len(unquantized)} decoder layers unquantized ({unquantized[0]}, ...)")
 
 
-def use_gemv_decode(model: FastVLM) -> FastVLM:
+def use_gemv_decode(model: FastVLM, enabled: bool = True) -> FastVLM:
     """Route one-row bf16/fp16 inputs of the decoder's linear layers (tied head included) through ``torch.mv``.
 
-    On CPU this reads a bf16 weight at the memory's pace where ``F.linear`` does not (see
-    :mod:`fastvlm.linears`); other rows, dtypes and devices are computed as before. The
-    layers keep their parameters (same tensors, same state dict; a tied head stays tied).
-    Quantized layers are left alone. Returns ``model``.
+    :class:`FastVLM` does this when it builds its decoder, so every model has it; call it again
+    after swapping in plain ``nn.Linear`` layers, or with ``enabled=False`` to send every input
+    back to ``F.linear`` (the benchmarks compare the two). On CPU ``torch.mv`` reads a bf16
+    weight at the memory's pace where ``F.linear`` does not (see :mod:`fastvlm.linears`);
+    other rows, dtypes and devices are computed as before. The layers keep their parameters
+    (same tensors, same state dict; a tied head stays tied). Quantized layers are left alone.
+    Returns ``model``.
     """
     lm = model.language_model
-    linears = {f"model.{name}": m for name, m in lm.model.named_modules() if type(m) is nn.Linear}
-    if type(lm.lm_head) is nn.Linear:
+    linears = {f"model.{name}": m for name, m in lm.model.named_modules() if isinstance(m, nn.Linear)}
+    if isinstance(lm.lm_head, nn.Linear):
         linears["lm_head"] = lm.lm_head
     for name, module in linears.items():
-        lm.set_submodule(name, GemvLinear.from_linear(module))
+        if type(module) is nn.Linear:
+            module = GemvLinear.from_linear(module)
+            lm.set_submodule(name, module)
+        if isinstance(module, GemvLinear):
+            module.use_mv = enabled
     return model
 
 

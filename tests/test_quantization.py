@@ -124,12 +124,12 @@ def test_generate_runs(quantized: FastVLM) -> None:
 
 def _fixture_model(fixture: str, variant: str) -> FastVLM:
     if variant.startswith("bf16"):
-        model = FastVLM.from_pretrained(fixture_path(fixture), dtype=torch.bfloat16)
-        return use_gemv_decode(model) if variant == "bf16 gemv" else model
+        model = FastVLM.from_pretrained(fixture_path(fixture), dtype=torch.bfloat16)  # one-row steps via torch.mv
+        return use_gemv_decode(model, enabled=False) if variant == "bf16 F.linear" else model
     return FastVLM.from_pretrained(fixture_path(fixture), quantization=variant)
 
 
-@pytest.mark.parametrize("variant", ["int8", "int8-head", "bf16", "bf16 gemv"])
+@pytest.mark.parametrize("variant", ["int8", "int8-head", "bf16", "bf16 F.linear"])
 @pytest.mark.parametrize("fixture", FIXTURES)
 def test_greedy_tokens_equal_fp32s_on_the_fixtures(fixture: str, variant: str) -> None:
     kwargs = dict(image=fixture_path(*IMAGE), prompt=PROMPT, max_new_tokens=12)
@@ -138,7 +138,7 @@ def test_greedy_tokens_equal_fp32s_on_the_fixtures(fixture: str, variant: str) -
     assert got.token_ids == want.token_ids  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("variant", ["int8", "int8-head", "bf16", "bf16 gemv"])
+@pytest.mark.parametrize("variant", ["int8", "int8-head", "bf16", "bf16 F.linear"])
 def test_teacher_forced_top1_mostly_equals_fp32s(variant: str) -> None:
     # 65 text positions, each a next-token prediction; the tiny fixture's random weights give
     # near-tied logits, where int8's rounding flips one or two (measured: 64/65 for int8)
@@ -184,7 +184,7 @@ def test_unknown_kernel_is_refused_and_the_model_left_alone(reference: FastVLM) 
     model = FastVLM.from_pretrained(fixture_path(TINY))
     with pytest.raises(ConfigError, match="auto, aten, torchao"):
         quantize_decoder(model, "int8", kernel="fbgemm")
-    assert model.quantization is None and all(type(m) is torch.nn.Linear for m in decoder_linears(model).values())
+    assert model.quantization is None and all(type(m) is GemvLinear for m in decoder_linears(model).values())
 
 
 def test_a_quantized_model_is_not_saved_nor_quantized_twice(quantized: FastVLM, tmp_path) -> None:
@@ -201,7 +201,7 @@ def test_missing_torchao_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> Non
         with pytest.raises(ConfigError, match=r"fastvlm\[export\]"):
             quantize_decoder(model, name, kernel=kernel)
         assert model.quantization is None
-    assert type(model.language_model.lm_head) is torch.nn.Linear  # refused before the head was copied
+    assert type(model.language_model.lm_head) is GemvLinear  # refused before the head was copied
     assert quantize_decoder(model, "int8").quantization == "int8"  # our int8 layer needs no torchao
 
 
@@ -260,14 +260,19 @@ def test_gemv_linear_gives_linears_result_with_the_same_parameters(dtype: torch.
         torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-2)
 
 
-def test_use_gemv_decode_keeps_the_head_tied_and_the_state_dict() -> None:
+def test_every_model_decodes_one_row_through_mv_keeping_the_head_tied_and_the_state_dict() -> None:
     model = FastVLM.from_pretrained(fixture_path(TINY), dtype=torch.bfloat16)
-    keys = model.state_dict().keys()
-    use_gemv_decode(model)
     lm = model.language_model
     assert isinstance(lm.lm_head, GemvLinear) and lm.lm_head.weight is lm.model.embed_tokens.weight
-    assert all(isinstance(m, GemvLinear) for m in decoder_linears(model).values())
-    assert model.state_dict().keys() == keys
+    assert all(isinstance(m, GemvLinear) and m.use_mv for m in decoder_linears(model).values())
+    keys = model.state_dict().keys()
+    ids = torch.tensor([[5, 9, 11]])
+    with torch.no_grad():
+        mv_logits = lm(ids).logits
+        use_gemv_decode(model, enabled=False)  # every input through F.linear: same function
+        assert not any(m.use_mv for m in decoder_linears(model).values())
+        torch.testing.assert_close(lm(ids).logits, mv_logits)
+    assert model.state_dict().keys() == keys and lm.lm_head.weight is lm.model.embed_tokens.weight
 
 
 def test_cli_predict_quantization(capsys: pytest.CaptureFixture[str]) -> None:

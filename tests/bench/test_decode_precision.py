@@ -37,8 +37,11 @@ def test_each_variant_is_built_as_named(tiny: None) -> None:
     by_name = {v.name: v for v in decode_precision.VARIANTS}
     lm = decode_precision.build_variant(by_name["int8-head bf16"], "0.5b").language_model
     assert isinstance(lm.lm_head, Int8WeightOnlyLinear) and lm.model.embed_tokens.weight.dtype == torch.bfloat16
-    lm = decode_precision.build_variant(by_name["bf16 gemv"], "0.5b").language_model
-    assert isinstance(lm.lm_head, GemvLinear) and lm.lm_head.weight is lm.model.embed_tokens.weight
+    lm = decode_precision.build_variant(by_name["bf16"], "0.5b").language_model
+    assert isinstance(lm.lm_head, GemvLinear) and lm.lm_head.use_mv
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    lm = decode_precision.build_variant(by_name["bf16 F.linear"], "0.5b").language_model
+    assert isinstance(lm.lm_head, GemvLinear) and not lm.lm_head.use_mv
     lm = decode_precision.build_variant(by_name["int8 torchao"], "0.5b").language_model
     assert type(lm.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
 
