@@ -20,6 +20,12 @@ side by side and reports the ratio, which carries over between machines:
   :func:`~fastvlm.bench.gpu_common.decode_weight_bytes`) and the KV cache: those bytes
   per second against the read bandwidth. The steps run one after another from the
   prompt's cache, as in generation; the KV length given is the median timed step's.
+- **Decode step floor.** What a step costs besides moving weights: the same steps on a
+  decoder of the same depth and heads whose widths are cut to :data:`FLOOR_HEAD_DIM` per
+  head, with a small vocabulary and a tiny tower (:func:`floor_config`), after a prompt as
+  long as the largest resolution's. It is Python, dispatch and small ops, and it does not
+  shrink with the weights' bytes, so the report also gives the tokens/s bound of bytes at
+  the bandwidth plus this floor: what lower precisions can reach without a leaner step.
 
 ``rounds`` repeats the whole set (ceilings included) one round after another, so a
 shared or throttling machine drifts over ceilings and stages alike; every fraction is
@@ -43,14 +49,19 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from fastvlm.bench.gpu_common import (
     TINY,
+    TINY_TOWER,
+    TINY_VOCAB,
     batch_prompt,
     build_fastvlm,
     decode_weight_bytes,
     encoder_flops,
     kv_bytes_per_row,
     median_ms,
+    model_config,
+    prompt_inputs,
 )
 from fastvlm.bench.limits_report import (
+    FLOOR,
     MATMUL,
     READ,
     READ_DTYPE,
@@ -63,11 +74,15 @@ from fastvlm.bench.limits_report import (
 from fastvlm.dtypes import DTYPES
 from fastvlm.generation import cache_argument, decoder_step, prefill
 from fastvlm.measure import count_flops, machine_description
+from fastvlm.model import FastVLM
+from fastvlm.presets import resize_text_config
 
 if TYPE_CHECKING:
-    from fastvlm.model import FastVLM, ModelInputs
+    from fastvlm.config import FastVLMConfig
+    from fastvlm.model import ModelInputs
 
 BYTES_PER_MIB = 2**20
+FLOOR_HEAD_DIM = 8  # the floor decoder's width per attention head (AVX-512 holds 16 fp32 values)
 
 
 @dataclass(frozen=True)
@@ -173,6 +188,20 @@ def decode_step_bytes(text: Qwen2Config, dtype: torch.dtype, kv_tokens: int) -> 
     return decode_weight_bytes(text, dtype) + kv_bytes_per_row(text, dtype, kv_tokens)
 
 
+def floor_config(config: FastVLMConfig) -> FastVLMConfig:
+    """``config`` with the decoder's depth and heads kept, its widths cut to :data:`FLOOR_HEAD_DIM`
+    per head, a :data:`~fastvlm.bench.gpu_common.TINY_VOCAB`-token vocabulary and a tiny tower: a decode step of this
+    model does all the real step's work except moving the weights."""
+    text = config.text
+    width = text.num_attention_heads * FLOOR_HEAD_DIM
+    narrow = resize_text_config(text, hidden_size=width, intermediate_size=width)
+    special = {"bos_token_id": TINY_VOCAB - 2, "eos_token_id": TINY_VOCAB - 1}  # inside the small vocabulary
+    floor = copy.deepcopy(config)
+    floor.text = Qwen2Config(**{**narrow.to_dict(), "vocab_size": TINY_VOCAB, **special})
+    floor.vision = TINY_TOWER
+    return floor
+
+
 # ------------------------------------------------------------------------------ the run
 
 
@@ -209,6 +238,8 @@ class _Round:
         if stage in STAGES:
             sample.limit_per_s = self.ceilings[limit_key(stage, dtype)]
             sample.fraction = sample.per_s / sample.limit_per_s
+            if stage == "decode" and (FLOOR, dtype) in self.ceilings:
+                sample.floor_ms = 1e3 / self.ceilings[(FLOOR, dtype)]
         else:
             self.ceilings[(stage, dtype)] = sample.per_s
         self.samples.append(sample)
@@ -225,6 +256,16 @@ class _Round:
         nbytes = self.settings.buffer_mib * BYTES_PER_MIB
         self.record(READ, READ_DTYPE, read_rate(nbytes, self.device, **self.timing))
         tick("read bandwidth")
+
+    def measure_floors(self, floor_models: dict[str, FastVLM], tick: Callable[[str], None]) -> None:
+        """The decode step floor in each dtype: steps of a :func:`floor_config` model after a prompt
+        as long as the largest resolution's."""
+        resolution = max(self.settings.resolutions)
+        for dtype, model in floor_models.items():
+            inputs = prompt_inputs(model, resolution, text_tokens=self.settings.text_tokens, batch=1)
+            ms, _ = self.time_decode(model, inputs, *prefill(model, inputs))
+            self.record(FLOOR, dtype, Timed(1, ms))
+            tick(f"decode floor {dtype}")
 
     def measure_stages(self, model: FastVLM, dtype: str, resolution: int, tick: Callable[[str], None]) -> None:
         """Encoder, prefill and decode of ``model`` (weights in ``dtype``) on one image of ``resolution`` px."""
@@ -266,7 +307,15 @@ class _Round:
         cache: DynamicCache,
         prompt_logits: torch.Tensor,
     ) -> None:
-        """Greedy steps one after another from the prompt's ``cache``, as generation takes them."""
+        """Decode steps from the prompt's ``cache``, against the bytes each one reads."""
+        ms, kv = self.time_decode(model, inputs, cache, prompt_logits)
+        self.record("decode", dtype, Timed(decode_step_bytes(model.config.text, DTYPES[dtype], kv), ms), resolution, kv)
+
+    def time_decode(
+        self, model: FastVLM, inputs: ModelInputs, cache: DynamicCache, prompt_logits: torch.Tensor
+    ) -> tuple[float, int]:
+        """Median ms of greedy steps one after another from the prompt's ``cache``, as generation
+        takes them, and the KV length of the median timed step."""
         token = prompt_logits.argmax(-1)  # [1]
         mask = inputs.attention_mask  # [1, L], one column more per step
         position = inputs.position_ids[:, -1:]  # [1, 1]
@@ -282,8 +331,14 @@ class _Round:
 
         warmup, steps = self.settings.decode_warmup, self.settings.decode_steps
         kv = inputs.inputs_embeds.shape[1] + warmup + steps // 2 + 1  # the KV length of the median timed step
-        ms = median_ms(step, self.device, warmup=warmup, repeats=steps)
-        self.record("decode", dtype, Timed(decode_step_bytes(model.config.text, DTYPES[dtype], kv), ms), resolution, kv)
+        return median_ms(step, self.device, warmup=warmup, repeats=steps), kv
+
+
+def build_floor_model(llm: str, resolution: int, device: str, dtype: str) -> FastVLM:
+    """A random :func:`floor_config` model of ``llm`` on ``device`` in ``dtype``, its tower fused."""
+    model = FastVLM.from_config(floor_config(model_config(llm, resolution)), device=device, dtype=DTYPES[dtype])
+    model.vision_tower.fuse(dtype=DTYPES[dtype])
+    return model
 
 
 def run_limits(settings: LimitSettings, *, progress: bool = True) -> LimitsReport:
@@ -296,7 +351,11 @@ def run_limits(settings: LimitSettings, *, progress: bool = True) -> LimitsRepor
         for device in settings.devices
         for dtype in settings.dtypes
     }
-    per_round = len(settings.dtypes) + 1 + len(STAGES) * len(settings.dtypes) * len(settings.resolutions)
+    floor_models = {
+        device: {d: build_floor_model(settings.llm, max(settings.resolutions), device, d) for d in settings.dtypes}
+        for device in settings.devices
+    }
+    per_round = 2 * len(settings.dtypes) + 1 + len(STAGES) * len(settings.dtypes) * len(settings.resolutions)
     total = settings.rounds * len(settings.devices) * per_round
     counts: dict[tuple[str, int], int] = {}
     with torch.inference_mode(), tqdm(total=total, desc="limits", unit="measurement", disable=not progress) as bar:
@@ -309,6 +368,7 @@ def run_limits(settings: LimitSettings, *, progress: bool = True) -> LimitsRepor
 
                 one = _Round(settings, torch.device(device), index, report.samples, counts)
                 one.measure_ceilings(tick)
+                one.measure_floors(floor_models[device], tick)
                 for dtype in settings.dtypes:
                     for resolution in settings.resolutions:
                         one.measure_stages(models[(device, dtype)], dtype, resolution, tick)

@@ -15,6 +15,7 @@ REPORT_JSON = "limits.json"
 REPORT_MD = "limits.md"
 MATMUL = "matmul"
 READ = "read"
+FLOOR = "floor"  # a decode step of the decoder's depth and heads with tiny weights: ms, not a rate
 STAGES = ("encoder", "prefill", "decode")
 READ_DTYPE = "fp32"  # the read buffer's dtype (the bandwidth does not depend on it)
 
@@ -33,7 +34,7 @@ class Sample:
 
     round: int
     device: str
-    stage: str  # "matmul" or "read" (ceilings), "encoder", "prefill" or "decode"
+    stage: str  # "matmul", "read" or "floor" (ceilings), "encoder", "prefill" or "decode"
     dtype: str
     resolution: int | None  # stages only
     tokens: int | None  # encoder: visual tokens; prefill: prompt tokens; decode: KV length
@@ -42,6 +43,7 @@ class Sample:
     per_s: float  # work / time
     limit_per_s: float | None = None  # the same round's ceiling (stages only)
     fraction: float | None = None  # per_s / limit_per_s
+    floor_ms: float | None = None  # decode only: the same round's step floor in this dtype
 
 
 @dataclass
@@ -49,9 +51,9 @@ class CeilingRow:
     """A ceiling over the rounds."""
 
     device: str
-    kind: str  # "matmul" or "read"
+    kind: str  # "matmul", "read" or "floor"
     dtype: str
-    work: float
+    work: float  # FLOPs, bytes, or 1 (a step)
     median_ms: float
     per_s: float  # median over the rounds
     min_per_s: float
@@ -77,6 +79,7 @@ class StageRow:
     max_fraction: float
     tokens_per_s: float | None = None  # decode only
     bound_tokens_per_s: float | None = None  # decode only: the step's bytes at the read bandwidth
+    floor_bound_tokens_per_s: float | None = None  # decode only: those bytes plus the step floor
 
 
 @dataclass
@@ -134,6 +137,8 @@ def summarize(samples: list[Sample]) -> tuple[list[CeilingRow], list[StageRow]]:
         if stage == "decode":
             row.tokens_per_s = statistics.median(1e3 / s.ms for s in group)
             row.bound_tokens_per_s = statistics.median(limit / s.work for s, limit in zip(group, limits, strict=True))
+            floors = [(s.work / limit + s.floor_ms / 1e3) for s, limit in zip(group, limits, strict=True) if s.floor_ms]
+            row.floor_bound_tokens_per_s = statistics.median(1 / t for t in floors) if floors else None
         rows.append(row)
     return ceilings, rows
 
@@ -144,7 +149,18 @@ def _num(value: float) -> str:
 
 
 def _rate(kind: str, per_s: float) -> str:
+    if kind == FLOOR:
+        return f"{_num(per_s)} steps/s"
     return f"{_num(per_s / 1e9)} GB/s" if kind == READ else f"{_num(per_s / 1e9)} GFLOP/s"
+
+
+def _work(kind: str, work: float) -> str:
+    return {MATMUL: f"{_num(work / 1e9)} GFLOP", READ: f"{_num(work / 1e6)} MB", FLOOR: "1 step"}[kind]
+
+
+def _range(kind: str, low: float, high: float) -> str:
+    scale = 1 if kind == FLOOR else 1e9
+    return f"{_num(low / scale)}–{_num(high / scale)}"
 
 
 def _percent(row: StageRow) -> str:
@@ -154,16 +170,20 @@ def _percent(row: StageRow) -> str:
 def format_report(report: LimitsReport) -> str:
     """The report as markdown: a header naming the machine, the ceilings, then the stages."""
     s = report.settings
-    ceiling_names = {MATMUL: f"matmul {s['matmul_n']}²", READ: f"read (sum over {s['buffer_mib']} MiB)"}
+    ceiling_names = {
+        MATMUL: f"matmul {s['matmul_n']}²",
+        READ: f"read (sum over {s['buffer_mib']} MiB)",
+        FLOOR: "decode step floor (same depth and heads, tiny weights)",
+    }
     ceilings = [
         [
             c.device,
             ceiling_names[c.kind],
             c.dtype,
-            f"{_num(c.work / 1e9)} GFLOP" if c.kind == MATMUL else f"{_num(c.work / 1e6)} MB",
+            _work(c.kind, c.work),
             f"{c.median_ms:,.1f}",
             _rate(c.kind, c.per_s),
-            f"{_num(c.min_per_s / 1e9)}–{_num(c.max_per_s / 1e9)}",
+            _range(c.kind, c.min_per_s, c.max_per_s),
         ]
         for c in report.ceilings
     ]
@@ -181,6 +201,7 @@ def format_report(report: LimitsReport) -> str:
             _percent(r),
             "" if r.tokens_per_s is None else f"{r.tokens_per_s:.1f}",
             "" if r.bound_tokens_per_s is None else f"{r.bound_tokens_per_s:.1f}",
+            "" if r.floor_bound_tokens_per_s is None else f"{r.floor_bound_tokens_per_s:.1f}",
         ]
         for r in report.rows
     ]
@@ -192,7 +213,9 @@ def format_report(report: LimitsReport) -> str:
         f"{s['rounds']} rounds, one after another (ceilings included); in each, a ceiling, encoder or prefill is the "
         f"median of {s['repeats']} calls after {s['warmup']} warm-up, decode the median of {s['decode_steps']} steps "
         f"after {s['decode_warmup']}. Prompt: {s['text_tokens']} text tokens + the visual tokens. Fractions are "
-        "taken within a round: median over rounds (min–max).",
+        "taken within a round: median over rounds (min–max). Bound tok/s: the decode step's bytes at the read "
+        "bandwidth; with floor: plus the decode step floor, what a step of the same depth and heads costs with "
+        "tiny weights (Python, small ops, attention over the same KV length).",
         "",
         "## Ceilings",
         "",
@@ -214,6 +237,7 @@ def format_report(report: LimitsReport) -> str:
                 ">fraction",
                 ">tok/s",
                 ">bound tok/s",
+                ">with floor",
             ],
             stages,
         ),

@@ -9,9 +9,11 @@ import torch
 
 from fastvlm.bench.gpu_common import encoder_flops, model_config
 from fastvlm.bench.limits import (
+    FLOOR_HEAD_DIM,
     LimitSettings,
     copy_rate,
     decode_step_bytes,
+    floor_config,
     matmul_rate,
     prefill_flops,
     read_rate,
@@ -84,6 +86,30 @@ def _sample(round: int, stage: str, *, ms: float, work: float, limit: float | No
     )
 
 
+def test_the_floor_model_keeps_the_decoders_depth_and_heads_and_cuts_its_widths():
+    config = model_config("0.5b", 1024)
+    floor = floor_config(config)
+    text, narrow = config.text, floor.text
+    kept = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+    assert all(getattr(narrow, k) == getattr(text, k) for k in kept)
+    assert narrow.hidden_size == narrow.intermediate_size == text.num_attention_heads * FLOOR_HEAD_DIM
+    assert narrow.vocab_size < 10_000 and narrow.bos_token_id < narrow.vocab_size
+    assert floor.image_size == config.image_size and config.text.hidden_size == 896  # the original is untouched
+    weights = sum(p.numel() for p in FastVLM.from_config(floor).language_model.parameters())
+    assert weights < 494e6 / 200  # under a 200th of the 0.5B decoder's weights
+
+
+def test_the_decode_bound_with_the_floor_adds_the_floors_time_to_the_bytes():
+    samples = [
+        _sample(0, "read", ms=100, work=1e9, limit=None, resolution=None),
+        _sample(0, "decode", ms=200, work=1e9, limit=10e9),  # 100 ms of bytes at the bandwidth
+    ]
+    samples[1].floor_ms = 25.0
+    _, (row,) = summarize(samples)
+    assert row.bound_tokens_per_s == pytest.approx(10.0)
+    assert row.floor_bound_tokens_per_s == pytest.approx(1 / 0.125)
+
+
 def test_the_summary_gives_the_median_fraction_and_its_range_over_rounds():
     samples = [
         _sample(0, "read", ms=100, work=1e9, limit=None, resolution=None),
@@ -107,7 +133,7 @@ def test_every_fraction_is_the_achieved_rate_over_its_rounds_ceiling():
     settings = LimitSettings.smoke(dtypes=("fp32",), rounds=2)
     report = run_limits(settings, progress=False)
     ceilings = {(s.round, s.stage, s.dtype): s.per_s for s in report.samples if s.resolution is None}
-    assert sorted(ceilings) == [(r, kind, "fp32") for r in (0, 1) for kind in ("matmul", "read")]
+    assert sorted(ceilings) == [(r, kind, "fp32") for r in (0, 1) for kind in ("floor", "matmul", "read")]
     stages = [s for s in report.samples if s.resolution is not None]
     assert [(s.round, s.stage) for s in stages] == [(r, st) for r in (0, 1) for st in ("encoder", "prefill", "decode")]
     for s in stages:
@@ -115,6 +141,8 @@ def test_every_fraction_is_the_achieved_rate_over_its_rounds_ceiling():
         assert s.per_s == pytest.approx(s.work / (s.ms / 1e3))
         assert s.limit_per_s == ceilings[(s.round, kind, "fp32")]
         assert s.fraction == pytest.approx(s.per_s / s.limit_per_s)
+        floor_ms = 1e3 / ceilings[(s.round, "floor", "fp32")]
+        assert s.floor_ms == (pytest.approx(floor_ms) if s.stage == "decode" else None)
     for row in report.rows:
         fractions = [s.fraction for s in stages if s.stage == row.stage]
         assert row.min_fraction == min(fractions) and row.max_fraction == max(fractions)
@@ -129,8 +157,8 @@ def test_the_smoke_command_writes_the_table_and_the_json(tmp_path, capsys):
     assert saved["meta"]["torch"] == torch.__version__ and saved["meta"]["cpu_threads"] == torch.get_num_threads()
     assert saved["settings"]["llm"] == "tiny" and saved["settings"]["rounds"] == 2
     ceilings = [(c["kind"], c["dtype"]) for c in saved["ceilings"]]
-    assert ceilings == [("matmul", "fp32"), ("matmul", "bf16"), ("read", "fp32")]
-    assert len(saved["samples"]) == 2 * (3 + 2 * 3)
+    assert ceilings == [("matmul", "fp32"), ("matmul", "bf16"), ("read", "fp32"), ("floor", "fp32"), ("floor", "bf16")]
+    assert len(saved["samples"]) == 2 * (5 + 2 * 3)
 
     rows = {(r["stage"], r["dtype"]): r for r in saved["rows"]}
     assert sorted(rows) == sorted((st, dt) for st in ("encoder", "prefill", "decode") for dt in ("fp32", "bf16"))
@@ -147,6 +175,9 @@ def test_the_smoke_command_writes_the_table_and_the_json(tmp_path, capsys):
     for row in saved["rows"]:
         assert row["min_fraction"] <= row["fraction"] <= row["max_fraction"]
         assert (row["tokens_per_s"] is not None) == (row["stage"] == "decode")
+        if row["stage"] == "decode":  # the floor costs time, so the bound with it is lower
+            assert row["floor_bound_tokens_per_s"] < row["bound_tokens_per_s"]
+    assert "| decode step floor (same depth and heads, tiny weights) | bf16 | 1 step |" in (out / REPORT_MD).read_text()
 
     markdown = (out / REPORT_MD).read_text()
     assert markdown in capsys.readouterr().out
