@@ -29,7 +29,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from fastvlm.bench.ttft import prompt_ids
 from fastvlm.measure import count_flops, synchronize
 from fastvlm.model import FastVLM, MultiModalProjector
-from fastvlm.presets import QWEN2_PRESETS, fastvlm_config, qwen2_config, resize_text_config
+from fastvlm.presets import QWEN2_PRESETS, fastvlm_config, resize_text_config
 from fastvlm.quantization import decode_read_bytes
 from fastvlm.vision import FastViT, FastViTConfig
 
@@ -61,14 +61,20 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def model_config(size: str, resolution: int) -> FastVLMConfig:
     """The architecture of FastVLM-``size`` (or the tiny smoke model) for ``resolution`` px inputs."""
+    config = fastvlm_config("0.5b" if size == TINY else size, image_size=resolution)
     if size != TINY:
-        return fastvlm_config(size, image_size=resolution)
-    text = resize_text_config(qwen2_config("0.5b"), **TINY_TEXT)
-    config = fastvlm_config("0.5b", image_size=resolution)
-    special = {"bos_token_id": TINY_VOCAB - 2, "eos_token_id": TINY_VOCAB - 1}  # inside the small vocabulary
-    config.text = Qwen2Config(**{**text.to_dict(), "vocab_size": TINY_VOCAB, **special})
-    config.vision = TINY_TOWER
-    return config
+        return config
+    return with_tiny_vocab_and_tower(config, resize_text_config(config.text, **TINY_TEXT))
+
+
+def with_tiny_vocab_and_tower(config: FastVLMConfig, text: Qwen2Config) -> FastVLMConfig:
+    """A copy of ``config`` whose decoder is ``text`` with a :data:`TINY_VOCAB`-token vocabulary
+    (special tokens moved inside it) and whose tower is :data:`TINY_TOWER`."""
+    special = {"bos_token_id": TINY_VOCAB - 2, "eos_token_id": TINY_VOCAB - 1}
+    small = copy.deepcopy(config)
+    small.text = Qwen2Config(**{**text.to_dict(), "vocab_size": TINY_VOCAB, **special})
+    small.vision = TINY_TOWER
+    return small
 
 
 def build_fastvlm(size: str, resolution: int, *, device: torch.device, dtype: torch.dtype) -> FastVLM:

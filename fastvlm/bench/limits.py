@@ -49,8 +49,6 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from fastvlm.bench.gpu_common import (
     TINY,
-    TINY_TOWER,
-    TINY_VOCAB,
     batch_prompt,
     build_fastvlm,
     decode_weight_bytes,
@@ -59,6 +57,7 @@ from fastvlm.bench.gpu_common import (
     median_ms,
     model_config,
     prompt_inputs,
+    with_tiny_vocab_and_tower,
 )
 from fastvlm.bench.limits_report import (
     FLOOR,
@@ -190,16 +189,11 @@ def decode_step_bytes(text: Qwen2Config, dtype: torch.dtype, kv_tokens: int) -> 
 
 def floor_config(config: FastVLMConfig) -> FastVLMConfig:
     """``config`` with the decoder's depth and heads kept, its widths cut to :data:`FLOOR_HEAD_DIM`
-    per head, a :data:`~fastvlm.bench.gpu_common.TINY_VOCAB`-token vocabulary and a tiny tower: a decode step of this
-    model does all the real step's work except moving the weights."""
-    text = config.text
-    width = text.num_attention_heads * FLOOR_HEAD_DIM
-    narrow = resize_text_config(text, hidden_size=width, intermediate_size=width)
-    special = {"bos_token_id": TINY_VOCAB - 2, "eos_token_id": TINY_VOCAB - 1}  # inside the small vocabulary
-    floor = copy.deepcopy(config)
-    floor.text = Qwen2Config(**{**narrow.to_dict(), "vocab_size": TINY_VOCAB, **special})
-    floor.vision = TINY_TOWER
-    return floor
+    per head, a small vocabulary and a tiny tower (``with_tiny_vocab_and_tower``): a decode step
+    of this model does all the real step's work except moving the weights."""
+    width = config.text.num_attention_heads * FLOOR_HEAD_DIM
+    narrow = resize_text_config(config.text, hidden_size=width, intermediate_size=width)
+    return with_tiny_vocab_and_tower(config, narrow)
 
 
 # ------------------------------------------------------------------------------ the run

@@ -137,8 +137,12 @@ def summarize(samples: list[Sample]) -> tuple[list[CeilingRow], list[StageRow]]:
         if stage == "decode":
             row.tokens_per_s = statistics.median(1e3 / s.ms for s in group)
             row.bound_tokens_per_s = statistics.median(limit / s.work for s, limit in zip(group, limits, strict=True))
-            floors = [(s.work / limit + s.floor_ms / 1e3) for s, limit in zip(group, limits, strict=True) if s.floor_ms]
-            row.floor_bound_tokens_per_s = statistics.median(1 / t for t in floors) if floors else None
+            step_s = [
+                s.work / limit + s.floor_ms / 1e3
+                for s, limit in zip(group, limits, strict=True)
+                if s.floor_ms is not None
+            ]
+            row.floor_bound_tokens_per_s = statistics.median(1 / t for t in step_s) if step_s else None
         rows.append(row)
     return ceilings, rows
 
