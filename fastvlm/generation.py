@@ -6,24 +6,20 @@ left-padded with explicit position ids, so a batch gives the same tokens as its 
 one by one. The decoder's inputs come from :meth:`fastvlm.model.FastVLM.prepare_inputs`,
 the same function forward and the training loss use.
 
-The KV cache is passed to transformers' decoder under the name its ``forward`` takes:
-``cache`` from transformers 5.24 (which deprecates ``past_key_values``, to be removed
-in 5.40), ``past_key_values`` before. The name is read from the signature once per
-decoder class.
+The decoder itself runs in :mod:`fastvlm.decoding` (the prefill and the decode steps).
 """
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import nn
 from transformers import DynamicCache
 
+from fastvlm.decoding import DecodeSteps, prefill
 from fastvlm.errors import CheckpointError
 from fastvlm.processing import (
     DEFAULT_IMAGE_TOKEN,
@@ -69,39 +65,6 @@ class GenerationResult:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-_CACHE_ARGUMENTS: dict[type[nn.Module], str] = {}  # decoder class -> its cache argument, read once
-
-
-def cache_argument(decoder: nn.Module) -> str:
-    """The name under which ``decoder.forward`` takes the KV cache (``cache`` or ``past_key_values``)."""
-    decoder_class = type(decoder)
-    if decoder_class not in _CACHE_ARGUMENTS:
-        parameters = inspect.signature(decoder_class.forward).parameters  # follows the decorators' __wrapped__
-        _CACHE_ARGUMENTS[decoder_class] = "cache" if "cache" in parameters else "past_key_values"
-    return _CACHE_ARGUMENTS[decoder_class]
-
-
-def decoder_step(model: FastVLM, cache: DynamicCache, **inputs: Any) -> torch.Tensor:
-    """Run the decoder with the KV cache; the logits of each row's last position [B, V]."""
-    lm = model.language_model
-    out = lm(**inputs, use_cache=True, **{cache_argument(lm): cache})
-    return out.logits[:, -1]
-
-
-def prefill(model: FastVLM, inputs: ModelInputs) -> tuple[DynamicCache, torch.Tensor]:
-    """Run prepared prompts through the decoder: their KV cache and the logits of each row's last position."""
-    cache = DynamicCache()
-    logits = decoder_step(
-        model,
-        cache,
-        inputs_embeds=inputs.inputs_embeds,
-        attention_mask=inputs.attention_mask,
-        position_ids=inputs.position_ids,
-        logits_to_keep=1,
-    )
-    return cache, logits
 
 
 @dataclass
@@ -235,6 +198,7 @@ def _decode(
     next_pos = inputs.position_ids[:, -1:] + 1  # [B, 1]
     finished = torch.zeros_like(token, dtype=torch.bool)
     decoded = 0  # tokens produced by decode steps for rows still generating
+    steps = DecodeSteps(model, cache, capacity=mask.shape[1] + max_new_tokens)
     for step in range(max_new_tokens):
         token = token.masked_fill(finished, pad_token_id)
         timings.new_tokens = step + 1
@@ -244,7 +208,7 @@ def _decode(
             break
         step_start = time.perf_counter()  # the caller's time between tokens is not decode time
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        logits = decoder_step(model, cache, input_ids=token[:, None], attention_mask=mask, position_ids=next_pos)
+        logits = steps(token[:, None], mask, next_pos)
         next_pos = next_pos + 1
         token = sample(logits)
         _sync(model.device)

@@ -124,6 +124,8 @@ class FastVLM(nn.Module):
         self.quantization: str | None = None  # "int8"/"int4" once the decoder is quantized (fastvlm.quantization)
         self.precision: PrecisionChoice | None = None  # the per-stage choice of dtype="auto" (fastvlm.precision)
         use_gemv_decode(self)  # one-row bf16 decode steps read the weights at memory speed on CPU (fastvlm.linears)
+        # Decode steps over preallocated KV buffers (fastvlm.decoding); False: transformers' forward
+        self.lean_decode = True
 
     # ------------------------------------------------------------------ properties
     @property

@@ -180,7 +180,7 @@ def test_generation_never_runs_past_the_context(model):
 
 def test_generation_uses_the_cache_argument_this_transformers_supports(model):
     """No deprecation warning about past_key_values (transformers 5.24 renamed it to cache, removal in 5.40)."""
-    from fastvlm.generation import cache_argument
+    from fastvlm.decoding import cache_argument
 
     with warnings.catch_warnings():
         for category in (FutureWarning, DeprecationWarning):

@@ -3,6 +3,8 @@
 Decode at batch 1 is memory-bound: a step reads every decoder weight once, so tokens/s
 should follow the bytes per step. Each variant is the same random FastVLM-sized model
 (``fastvlm_config(llm)``, seed 0), built afresh: fp32; bf16 as ``model.to(bf16)`` gives it;
+fp32 and bf16 with their steps through transformers' forward and ``DynamicCache`` instead of
+:mod:`fastvlm.decoding`'s preallocated buffers (``model.lean_decode = False``);
 bf16 with its one-row steps through ``F.linear`` (:func:`~fastvlm.quantization.use_gemv_decode`
 turned off) and through ``torch.mv``, the default; int8 on our ATen kernel, with and
 without the int8 copy of the tied head (``int8-head``); torchao's eager int8 (the old path);
@@ -25,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastvlm.generation import decoder_step, generate_tokens, prefill
+from fastvlm.decoding import DecodeSteps, prefill
+from fastvlm.generation import generate_tokens
 from fastvlm.measure import markdown_table
 from fastvlm.model import FastVLM
 from fastvlm.presets import fastvlm_config
@@ -42,12 +45,15 @@ class Variant:
     quantization: str | None = None
     kernel: str = "auto"
     gemv: bool = True  # one-row bf16 steps through torch.mv, as every FastVLM decodes (False: F.linear)
+    lean: bool = True  # steps over preallocated KV buffers, as generate takes them (False: transformers' forward)
 
 
 VARIANTS = (
     Variant("fp32", torch.float32),
+    Variant("fp32 transformers step", torch.float32, lean=False),
     Variant("bf16 F.linear", torch.bfloat16, gemv=False),
     Variant("bf16", torch.bfloat16),
+    Variant("bf16 transformers step", torch.bfloat16, lean=False),
     Variant("int8", torch.float32, "int8", "aten"),
     Variant("int8-head", torch.float32, "int8-head", "aten"),
     Variant("int8-head bf16", torch.bfloat16, "int8-head", "aten"),
@@ -79,6 +85,7 @@ def build_variant(variant: Variant, llm: str, build: Callable[..., FastVLM] = Fa
         quantize_decoder(model, variant.quantization, kernel=variant.kernel)
     if not variant.gemv:
         use_gemv_decode(model, enabled=False)
+    model.lean_decode = variant.lean
     return model
 
 
@@ -109,10 +116,11 @@ def forced_logits(model: FastVLM, ids: torch.Tensor, features: torch.Tensor, tok
     inputs = model.prepare_inputs(ids, None, image_features=features.to(model.dtype), padding_side="left")
     cache, logits = prefill(model, inputs)
     mask, position = inputs.attention_mask, inputs.position_ids[:, -1:] + 1
+    steps = DecodeSteps(model, cache, capacity=mask.shape[1] + len(tokens))
     out = [logits[0].float()]
     for token in tokens[:-1]:
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        step = decoder_step(model, cache, input_ids=torch.tensor([[token]]), attention_mask=mask, position_ids=position)
+        step = steps(torch.tensor([[token]]), mask, position)
         out.append(step[0].float())
         position = position + 1
     return torch.stack(out)
@@ -129,7 +137,7 @@ def run_decode_precision(
     build: Callable[..., FastVLM] = FastVLM.from_config,
 ) -> list[DecodeRow]:
     """One row per variant, the first being the fp32 reference the ratios and agreements are against."""
-    if variants[0].dtype != torch.float32 or variants[0].quantization is not None:
+    if variants[0].dtype != torch.float32 or variants[0].quantization is not None or not variants[0].lean:
         raise ValueError(f"the first variant is the reference and must be plain fp32, not {variants[0]}")
     models = {}
     for v in variants:

@@ -57,7 +57,8 @@ from fastvlm.bench.gpu_common import (
 from fastvlm.bench.gpu_decode import WARMUP_STEPS, run_isolated
 from fastvlm.bench.gpu_report import fmt, format_report
 from fastvlm.bench.limits import copy_rate, matmul_rate
-from fastvlm.generation import Timings, generate_tokens, prefill
+from fastvlm.decoding import prefill
+from fastvlm.generation import Timings, generate_tokens
 from fastvlm.measure import machine_description
 from fastvlm.model import FastVLM
 

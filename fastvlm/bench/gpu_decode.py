@@ -41,7 +41,7 @@ import torch
 from transformers import StaticCache
 
 from fastvlm.bench.gpu_common import DTYPE_NAMES, NOTE_CHARS, build_fastvlm, prompt_inputs
-from fastvlm.generation import cache_argument
+from fastvlm.decoding import cache_argument
 from fastvlm.measure import synchronize
 
 if TYPE_CHECKING:

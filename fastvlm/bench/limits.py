@@ -70,8 +70,8 @@ from fastvlm.bench.limits_report import (
     limit_key,
     summarize,
 )
+from fastvlm.decoding import DecodeSteps, cache_argument, prefill
 from fastvlm.dtypes import DTYPES
-from fastvlm.generation import cache_argument, decoder_step, prefill
 from fastvlm.measure import count_flops, machine_description
 from fastvlm.model import FastVLM
 from fastvlm.presets import resize_text_config
@@ -313,17 +313,15 @@ class _Round:
         token = prompt_logits.argmax(-1)  # [1]
         mask = inputs.attention_mask  # [1, L], one column more per step
         position = inputs.position_ids[:, -1:]  # [1, 1]
+        warmup, steps = self.settings.decode_warmup, self.settings.decode_steps
+        decode = DecodeSteps(model, cache, capacity=mask.shape[1] + warmup + steps + 1)
 
         def step() -> None:
             nonlocal token, mask, position
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             position = position + 1
-            step_logits = decoder_step(
-                model, cache, input_ids=token[:, None], attention_mask=mask, position_ids=position
-            )
-            token = step_logits.argmax(-1)
+            token = decode(token[:, None], mask, position).argmax(-1)
 
-        warmup, steps = self.settings.decode_warmup, self.settings.decode_steps
         kv = inputs.inputs_embeds.shape[1] + warmup + steps // 2 + 1  # the KV length of the median timed step
         return median_ms(step, self.device, warmup=warmup, repeats=steps), kv
 

@@ -43,9 +43,10 @@ import torch
 
 from fastvlm.bench.gpu_common import DTYPE_NAMES, model_config, random_pixels
 from fastvlm.bench.ttft import prompt_ids
+from fastvlm.decoding import prefill
 from fastvlm.errors import CheckpointError, ConfigError
 from fastvlm.files import read_json
-from fastvlm.generation import generate_tokens, prefill
+from fastvlm.generation import generate_tokens
 from fastvlm.measure import machine_description, machine_line, synchronize
 from fastvlm.model import FastVLM
 

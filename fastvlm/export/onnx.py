@@ -41,11 +41,11 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from fastvlm.decoding import cache_argument
 from fastvlm.errors import CheckpointError, ConfigError, OutputExistsError
 from fastvlm.export.runner import ONNX_DIR, graph_path
 from fastvlm.files import atomic_dir
 from fastvlm.formats import CheckpointFormat, get_format, placeholder_token_id
-from fastvlm.generation import cache_argument
 from fastvlm.model import FastVLM
 from fastvlm.processing import CHAT_TEMPLATE, DEFAULT_IMAGE_TOKEN
 

@@ -9,7 +9,7 @@ share the decoder's weights, so the decoder's cost is ``prefill + ANSWER_TOKENS 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -69,19 +69,18 @@ def _decoder_calls(
     model: FastVLM, ids: torch.Tensor, features: torch.Tensor
 ) -> tuple[Callable[[], object], Callable[[], object]]:
     """(one prefill, one cached decode step) of ``model`` on the image ``features`` and text ``ids``."""
-    from fastvlm.generation import decoder_step, prefill
+    from fastvlm.decoding import DecodeSteps, prefill
 
     inputs = model.prepare_inputs(ids, image_features=features.to(model.dtype))
     cache, logits = prefill(model, inputs)
-    length = cache.get_seq_length()
-    step: dict[str, Any] = {
-        "input_ids": logits.argmax(-1, keepdim=True),  # [1, 1]
-        "attention_mask": torch.ones(1, length + 1, dtype=torch.long, device=model.device),
-        "position_ids": torch.full((1, 1), length, device=model.device),
-    }
+    length = inputs.attention_mask.shape[1]
+    steps = DecodeSteps(model, cache, capacity=length + 1)
+    token = logits.argmax(-1, keepdim=True)  # [1, 1]
+    mask = torch.ones(1, length + 1, dtype=torch.long, device=model.device)
+    position = torch.full((1, 1), length, device=model.device)
 
     def decode() -> None:
-        decoder_step(model, cache, **step)
-        cache.crop(-1)  # drop the step's token again
+        steps(token, mask, position)
+        steps.rewind(1)  # drop the step's token again
 
     return (lambda: prefill(model, inputs)), decode

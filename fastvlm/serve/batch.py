@@ -4,14 +4,15 @@ Every active sequence advances by one token per decode step, in one forward pass
 requests are prefilled on their own (their images encoded together, their prompts
 left-padded among themselves) and then merged into the running batch; finished or
 cancelled sequences are dropped at once. A :class:`DecodeBatch` holds what that takes:
-the KV cache, the attention mask and the next position of every row.
+the KV cache (in :class:`fastvlm.generation.DecodeSteps`, so steps take the same path as
+``generate``), the attention mask and the next position of every row.
 
 Rows are left-padded to a common length, as in :func:`fastvlm.generation.generate`,
 with each row's own position ids, so padding never changes a row's tokens: a sequence
 gets the tokens it would get alone, whatever joins or leaves around it (fp32; tested).
 Merging pads the shorter side's cache with zero keys and values under a zero mask, and
 dropping rows trims the left columns that no remaining row uses, so the cache never
-grows past the longest live sequence.
+grows past the longest live sequence (plus :data:`HEADROOM` positions allocated ahead).
 """
 
 from __future__ import annotations
@@ -20,23 +21,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache
 
-from fastvlm.generation import decoder_step, prefill
+from fastvlm.decoding import DecodeSteps, prefill
 
 if TYPE_CHECKING:
     from fastvlm.model import FastVLM
-
-
-def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) [B, heads, L, head_dim] of every decoder layer (Qwen2's are all full attention)."""
-    pairs = []
-    for layer in cache.layers:
-        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
-            raise TypeError(f"expected key/value tensors in every cache layer, got a {type(layer).__name__}")
-        pairs.append((keys, values))
-    return pairs
 
 
 def _left_pad(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
@@ -47,11 +36,16 @@ def _left_pad(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
+# Positions allocated past the longest row when a batch forms; a step beyond them doubles the KV buffers
+HEADROOM = 64
+
+
 @dataclass
 class DecodeBatch:
-    """Rows being decoded: KV cache, attention mask [B, L], next positions [B, 1], last tokens [B]."""
+    """Rows being decoded: their decode steps (with the KV cache), attention mask [B, L], next
+    positions [B, 1] and last tokens [B]."""
 
-    cache: DynamicCache
+    steps: DecodeSteps
     attention_mask: torch.Tensor
     next_positions: torch.Tensor
     last_tokens: torch.Tensor
@@ -80,7 +74,7 @@ class DecodeBatch:
         )
         cache, logits = prefill(model, inputs)
         batch = cls(
-            cache=cache,
+            steps=DecodeSteps(model, cache, capacity=inputs.attention_mask.shape[1] + HEADROOM),
             attention_mask=inputs.attention_mask,
             next_positions=inputs.position_ids[:, -1:] + 1,
             last_tokens=torch.full_like(inputs.attention_mask[:, 0], pad_token_id),
@@ -91,12 +85,12 @@ class DecodeBatch:
         """This batch's rows followed by ``other``'s, both left-padded to the longer length."""
         length = max(self.length, other.length)
         layers = []
-        for (k1, v1), (k2, v2) in zip(_layers(self.cache), _layers(other.cache), strict=True):
+        for (k1, v1), (k2, v2) in zip(self.steps.layers(), other.steps.layers(), strict=True):
             keys = torch.cat([_left_pad(k1, length - self.length, 2), _left_pad(k2, length - other.length, 2)])
             values = torch.cat([_left_pad(v1, length - self.length, 2), _left_pad(v2, length - other.length, 2)])
             layers.append((keys, values))
         return DecodeBatch(
-            cache=DynamicCache(ddp_cache_data=layers),
+            steps=DecodeSteps.from_layers(self.steps.model, layers, capacity=length + HEADROOM),
             attention_mask=torch.cat(
                 [
                     _left_pad(self.attention_mask, length - self.length, 1),
@@ -115,24 +109,18 @@ class DecodeBatch:
         start = int(used[0]) if len(used) else mask.shape[1]
         layers = [
             (keys.index_select(0, index)[:, :, start:], values.index_select(0, index)[:, :, start:])
-            for keys, values in _layers(self.cache)
+            for keys, values in self.steps.layers()
         ]
         return DecodeBatch(
-            cache=DynamicCache(ddp_cache_data=layers),
+            steps=DecodeSteps.from_layers(self.steps.model, layers, capacity=mask.shape[1] - start + HEADROOM),
             attention_mask=mask[:, start:],
             next_positions=self.next_positions.index_select(0, index),
             last_tokens=self.last_tokens.index_select(0, index),
         )
 
-    def step(self, model: FastVLM) -> torch.Tensor:
+    def step(self) -> torch.Tensor:
         """Feed every row's last token; the logits of the next one [B, V]."""
         self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(self.attention_mask[:, :1])], dim=-1)
-        logits = decoder_step(
-            model,
-            self.cache,
-            input_ids=self.last_tokens[:, None],
-            attention_mask=self.attention_mask,
-            position_ids=self.next_positions,
-        )
+        logits = self.steps(self.last_tokens[:, None], self.attention_mask, self.next_positions)
         self.next_positions = self.next_positions + 1
         return logits

@@ -312,7 +312,7 @@ class Engine:
 
     def _advance(self) -> None:
         assert self._batch is not None
-        logits = self._batch.step(self.model)
+        logits = self._batch.step()
         tokens = torch.stack([row.sample(logits[i : i + 1])[0] for i, row in enumerate(self._rows)])
         self._batch.last_tokens = tokens
         self._emit(tokens.tolist(), first_new_row=0)

@@ -42,11 +42,13 @@ def test_each_variant_is_built_as_named(tiny: None) -> None:
     assert lm.lm_head.weight is lm.model.embed_tokens.weight
     lm = decode_precision.build_variant(by_name["bf16 F.linear"], "0.5b").language_model
     assert isinstance(lm.lm_head, GemvLinear) and not lm.lm_head.use_mv
+    assert decode_precision.build_variant(by_name["bf16"], "0.5b").lean_decode
+    assert not decode_precision.build_variant(by_name["bf16 transformers step"], "0.5b").lean_decode
     lm = decode_precision.build_variant(by_name["int8 torchao"], "0.5b").language_model
     assert type(lm.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
 
 
 def test_the_reference_must_be_plain_fp32(tiny: None) -> None:
-    variants = decode_precision.VARIANTS[1:]
-    with pytest.raises(ValueError, match="reference"):
-        decode_precision.run_decode_precision(variants=variants, visual_tokens=2, text_tokens=2, steps=2, rounds=1)
+    for variants in (decode_precision.VARIANTS[2:], decode_precision.VARIANTS[1:]):  # bf16 first; fp32 unbuffered
+        with pytest.raises(ValueError, match="reference"):
+            decode_precision.run_decode_precision(variants=variants, visual_tokens=2, text_tokens=2, steps=2, rounds=1)

@@ -18,12 +18,13 @@ import torch
 from PIL import Image
 
 from fastvlm.cli import main
+from fastvlm.decoding import decoder_step, prefill
 from fastvlm.errors import CheckpointError, CheckpointNotFoundError, ConfigError, OutputExistsError
 from fastvlm.export import onnx as onnx_export
 from fastvlm.export.onnx import export_onnx
 from fastvlm.export.runner import OnnxFastVLM
 from fastvlm.files import leftover_dirs
-from fastvlm.generation import GenerationResult, Timings, decoder_step, prefill, prepare_prompt
+from fastvlm.generation import GenerationResult, Timings, prepare_prompt
 from fastvlm.model import FastVLM
 from fastvlm.processing import CHAT_TEMPLATE, tokenize_prompt
 from tests.conftest import assert_close_to_reference, fixture_path

@@ -70,7 +70,7 @@ def test_joining_and_leaving_rows_keep_every_sequence_s_greedy_tokens(model):
                     running = joined if running is None else running.merge(joined)
                     rows.append(index)
         if running is not None and step > 0:
-            tokens = running.step(model).argmax(-1)
+            tokens = running.step().argmax(-1)
             running.last_tokens = tokens
             keep = [row for row, token in enumerate(tokens.tolist()) if not record(rows[row], token)]
             rows = [rows[row] for row in keep]
@@ -93,4 +93,4 @@ def test_dropping_rows_trims_the_padding_no_row_needs(model):
     assert merged.attention_mask[0].sum() == a.length
     only_short = merged.select([0])
     assert only_short.length == a.length
-    assert all(layer.keys.shape[2] == a.length for layer in only_short.cache.layers)
+    assert all(keys.shape[2] == a.length for keys, _ in only_short.steps.layers())
