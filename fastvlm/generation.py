@@ -39,6 +39,11 @@ if TYPE_CHECKING:  # model.py imports this module lazily; the model types are fo
     from fastvlm.model import FastVLM, ModelInputs
 
 
+# KV positions allocated for the answer up front: enough for most answers, without reserving the
+# whole context for a large max_new_tokens (a longer answer doubles the buffers as it goes)
+ANSWER_ROOM = 512
+
+
 @dataclass
 class Timings:
     vision_ms: float = 0.0
@@ -198,7 +203,7 @@ def _decode(
     next_pos = inputs.position_ids[:, -1:] + 1  # [B, 1]
     finished = torch.zeros_like(token, dtype=torch.bool)
     decoded = 0  # tokens produced by decode steps for rows still generating
-    steps = DecodeSteps(model, cache, capacity=mask.shape[1] + max_new_tokens)
+    steps = DecodeSteps(model, cache, capacity=mask.shape[1] + min(max_new_tokens, ANSWER_ROOM))
     for step in range(max_new_tokens):
         token = token.masked_fill(finished, pad_token_id)
         timings.new_tokens = step + 1

@@ -190,3 +190,22 @@ def test_sliding_window_decoders_keep_transformers_forward(model):
     with torch.inference_mode():
         cache, _ = prefill(clone, clone.prepare_inputs(torch.tensor([[5, 6, 7]])))
         assert DecodeSteps(clone, cache, capacity=5).path == "transformers"
+
+
+def test_a_long_answer_grows_the_buffers_it_started_small(model, monkeypatch):
+    import fastvlm.generation as generation
+
+    ids, mask = _padded_prompts(model)
+    reference = [t.tolist() for t, _ in generate_tokens(model, ids, mask, max_new_tokens=9)]
+    capacities = []
+    original = KVBuffers.grow
+
+    def recording(self, capacity):
+        capacities.append(capacity)
+        original(self, capacity)
+
+    monkeypatch.setattr(generation, "ANSWER_ROOM", 2)
+    monkeypatch.setattr(KVBuffers, "grow", recording)
+    assert [t.tolist() for t, _ in generate_tokens(model, ids, mask, max_new_tokens=9)] == reference
+    prompt = ids.shape[1]
+    assert capacities == [prompt + 2, 2 * (prompt + 2)]  # room for 2 answer tokens, then doubled once
