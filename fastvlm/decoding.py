@@ -32,9 +32,9 @@ output projection.
 What it saves, measured on a 2-core Xeon (torch 2.13, transformers 5.24): a step of a
 decoder with FastVLM-0.5B's depth and heads but tiny widths, where the time is all overhead,
 takes 7.3 ms against 10.2 ms through transformers' forward in fp32, and 13-17 against
-20-23 ms in bf16 and int8. On the full 0.5B after a 300-token prompt that is +7% tokens/s in
-bf16 and nothing measurable in fp32, whose step is ~110 ms of reading weights; after a
-2,000-token prompt, where the cache copies add up, +11% in fp32.
+20-23 ms in bf16 and int8. On the full 0.5B after a 300-token prompt, where reading the
+weights takes most of a ~100 ms step, that is about +5% tokens/s in fp32 and in bf16; after a
+2,000-token prompt, where transformers' cache copies add up, +11% in fp32.
 
 Decoders this module does not cover (sliding-window layers, another architecture) keep
 transformers' forward: :func:`unsupported_reason` says why.
