@@ -49,10 +49,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, Qwen2ForCausalLM
-from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, apply_rotary_pos_emb
+from transformers import DynamicCache
 
 if TYPE_CHECKING:  # model.py imports this module (through generation); the model types are for annotations only
+    from transformers import Qwen2ForCausalLM
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+
     from fastvlm.model import FastVLM, ModelInputs
 
 __all__ = [
@@ -116,6 +118,8 @@ def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]
 
 def unsupported_reason(lm: torch.nn.Module) -> str | None:
     """Why :class:`CachedDecoder` cannot run ``lm`` (None: it can)."""
+    from transformers import Qwen2ForCausalLM  # transformers' modeling code loads only once a model runs
+
     if not isinstance(lm, Qwen2ForCausalLM):
         return f"the decoder is a {type(lm).__name__}, not a Qwen2ForCausalLM"
     config = lm.config
@@ -176,6 +180,9 @@ class CachedDecoder:
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads or self.heads)  # None: one per head, as in transformers
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+        self.rotate = apply_rotary_pos_emb
 
     @classmethod
     def after_prefill(cls, lm: Qwen2ForCausalLM, cache: DynamicCache, capacity: int) -> CachedDecoder:
@@ -233,7 +240,7 @@ class CachedDecoder:
         query = attention.q_proj(hidden).view(batch, 1, self.heads, self.head_dim).transpose(1, 2)
         key = attention.k_proj(hidden).view(batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
         value = attention.v_proj(hidden).view(batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        query, key = self.rotate(query, key, cos, sin)
         end = self.buffers.length + 1
         keys, values = self.buffers.keys[index], self.buffers.values[index]
         keys[:, :, end - 1 : end] = key
