@@ -12,6 +12,7 @@ from fastvlm.decoding import CachedDecoder, DecodeSteps, KVBuffers, decoder_step
 from fastvlm.generation import generate_tokens
 from fastvlm.model import FastVLM
 from fastvlm.quantization import quantize_decoder
+from tests.bench.tiny import tiny_config
 from tests.conftest import fixture_path
 
 # The fixtures' tolerance (shared/fixtures/README.md): |a - b| <= 1e-4 * max(1, max |b|) in fp32
@@ -165,16 +166,10 @@ def test_wrong_step_inputs_are_named(model):
 
 
 def _small_qwen2(**changes) -> Qwen2ForCausalLM:
-    config = Qwen2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        **changes,
-    )
-    return Qwen2ForCausalLM(config).eval()
+    """The benchmarks' tiny decoder (tests/bench/tiny.py) with ``changes`` to its config."""
+    text = tiny_config().text.to_dict()
+    text.pop("layer_types", None)  # derived from the sliding-window settings again
+    return Qwen2ForCausalLM(Qwen2Config(**{**text, **changes})).eval()
 
 
 def test_sliding_window_decoders_keep_transformers_forward(model):
