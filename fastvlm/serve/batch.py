@@ -4,7 +4,7 @@ Every active sequence advances by one token per decode step, in one forward pass
 requests are prefilled on their own (their images encoded together, their prompts
 left-padded among themselves) and then merged into the running batch; finished or
 cancelled sequences are dropped at once. A :class:`DecodeBatch` holds what that takes:
-the KV cache (in :class:`fastvlm.generation.DecodeSteps`, so steps take the same path as
+the KV cache (in :class:`fastvlm.decoding.DecodeSteps`, so steps take the same path as
 ``generate``), the attention mask and the next position of every row.
 
 Rows are left-padded to a common length, as in :func:`fastvlm.generation.generate`,
