@@ -20,11 +20,12 @@ floating point:
 The methods (weight-only, activations stay in the model's dtype):
 
 * ``int8``: symmetric, one scale per output row. On CPU our own
-  :class:`fastvlm.linears.Int8WeightOnlyLinear`, which runs ATen's int8 weight-only kernel
-  (``_weight_int8pack_mm``) for decode-sized inputs: it reads one byte per weight, so decode
-  is faster as well as smaller. That kernel is vectorised for bf16 activations only, so the
-  layer's input rows are rounded to bf16 for it (in an fp32 model too; the output returns
-  in the model's dtype), and prefill-sized inputs (more than
+  :class:`fastvlm.linears.Int8WeightOnlyLinear`, which for decode-sized inputs runs a kernel
+  that reads one byte per weight, so decode is faster as well as smaller: our compiled
+  AVX-512/AVX2 kernel (:mod:`fastvlm.native`, fp32 activations) where it builds, else ATen's
+  ``_weight_int8pack_mm``, which is vectorised for bf16 activations only, so the layer's
+  input rows are rounded to bf16 for it (in an fp32 model too; the output returns in the
+  model's dtype). Prefill-sized inputs (more than
   :data:`fastvlm.linears.KERNEL_MAX_ROWS` rows) multiply by the dequantised weight instead.
   Elsewhere (CUDA), or with ``kernel="torchao"``, torchao's ``Int8WeightOnlyConfig``: in
   eager mode it converts the int8 weight to the activation dtype at every call, so it saves
@@ -61,6 +62,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from fastvlm import native
 from fastvlm.errors import ConfigError
 from fastvlm.linears import GemvLinear, Int8WeightOnlyLinear
 
@@ -76,6 +78,7 @@ __all__ = [
     "decode_step_bytes",
     "decoder_linears",
     "layer_bytes",
+    "quantization_kernel",
     "quantize_decoder",
     "tensor_bytes",
     "use_gemv_decode",
@@ -83,7 +86,8 @@ __all__ = [
 ]
 
 QUANTIZATIONS = ("int8", "int8-head", "int4")
-KERNELS = ("auto", "aten", "torchao")  # who runs int8: auto = aten on CPU, torchao elsewhere
+# Who runs int8. auto: on CPU our kernel (fastvlm.native) where it builds, else ATen's; torchao elsewhere.
+KERNELS = ("auto", "fastvlm", "aten", "torchao")
 INT4_GROUP_SIZES = (128, 64, 32)  # the group sizes tinygemm packs, largest (smallest scale overhead) first
 INSTALL_HINT = 'torchao is not installed; pip install "fastvlm[export]" (or pip install torchao)'
 
@@ -121,8 +125,10 @@ def quantize_decoder(model: FastVLM, name: str, *, kernel: str = "auto") -> Fast
     """Quantize the decoder's linear weights in place (``"int8"``, ``"int8-head"`` or ``"int4"``).
 
     The vision tower, projector and embeddings are untouched (see the module docstring).
-    ``kernel`` picks who runs int8: ``"aten"`` (our layer on ATen's kernel), ``"torchao"``,
-    or ``"auto"``: aten on CPU, torchao elsewhere; int4 is always torchao's. Sets
+    ``kernel`` picks who runs int8: ``"fastvlm"`` (our layer on our compiled kernel,
+    :mod:`fastvlm.native`), ``"aten"`` (our layer on ATen's kernel), ``"torchao"``, or
+    ``"auto"``: on CPU fastvlm where its kernel builds and aten where not, torchao elsewhere;
+    int4 is always torchao's. Sets
     ``model.quantization``; returns ``model``. Refuses a model already quantized, an unknown
     name or kernel, a missing torchao and a device/dtype combination the method cannot run.
     """
@@ -132,11 +138,17 @@ def quantize_decoder(model: FastVLM, name: str, *, kernel: str = "auto") -> Fast
     if getattr(model, "quantization", None) is not None:
         raise ConfigError(f"this model is already quantized ({model.quantization}); load it again to change that")
     device, dtype = model.device, model.dtype
-    aten = name != "int4" and (kernel == "aten" or (kernel == "auto" and device.type == "cpu"))
-    config = None  # the aten layers need none; torchao's configs are built (and torchao imported) before any change
+    if kernel == "fastvlm" and native.int8_kernel() is None:
+        raise ConfigError(
+            "the fastvlm int8 kernel is not available here (x86-64 Linux with a C++ compiler and ninja, and "
+            f"{native.DISABLE_ENV} not 0); use kernel='aten'"
+        )
+    own_layers = name != "int4" and (kernel in ("fastvlm", "aten") or (kernel == "auto" and device.type == "cpu"))
+    pack = own_layers and (kernel == "fastvlm" or (kernel == "auto" and native.int8_kernel() is not None))
+    config = None  # our layers need none; torchao's configs are built (and torchao imported) before any change
     if name == "int4":
         config = _int4_config(device, dtype, decoder_linears(model).values())
-    elif not aten:
+    elif not own_layers:
         config = _int8_config()
     lm = model.language_model
     if name == "int8-head" and not _head_is_separate(model):  # a copy of the tied head, quantized below
@@ -144,15 +156,26 @@ def quantize_decoder(model: FastVLM, name: str, *, kernel: str = "auto") -> Fast
         head.weight = nn.Parameter(lm.model.embed_tokens.weight.detach().clone(), requires_grad=False)
         lm.lm_head = head
     linears = decoder_linears(model)
-    if aten:
+    if own_layers:
         with torch.no_grad():
             for module_name, module in linears.items():
                 assert isinstance(module, nn.Linear)
-                lm.set_submodule(module_name, Int8WeightOnlyLinear.from_weight(module.weight, module.bias))
+                layer = Int8WeightOnlyLinear.from_weight(module.weight, module.bias, pack=pack)
+                lm.set_submodule(module_name, layer)
     else:
         _quantize_with_torchao(lm, config, linears)
     model.quantization = name
     return model
+
+
+def quantization_kernel(model: FastVLM) -> str | None:
+    """Who runs the quantized decoder's layers: ``"fastvlm"``, ``"aten"``, ``"torchao"``, or None (not quantized)."""
+    if getattr(model, "quantization", None) is None:
+        return None
+    ours = [m for m in decoder_linears(model).values() if isinstance(m, Int8WeightOnlyLinear)]
+    if not ours:
+        return "torchao"
+    return "fastvlm" if all(m.packed for m in ours) and native.int8_kernel() is not None else "aten"
 
 
 def _quantize_with_torchao(lm: nn.Module, config: Any, linears: dict[str, nn.Module]) -> None:

@@ -6,9 +6,9 @@ wait far longer than the tiny model's forward.
 
 Fixture finding (the xfails below): on the tiny fixture models the fp32 logits of the first
 answer token have a top-2 margin of 0.0037, while int8 weight-only changes logits by up to
-~0.09 (bf16 by ~0.07 but in the harmless direction here). So the int8 decoder (whose CPU kernel
-rounds activation rows to bf16), alone or with a bf16 encoder, changes the first greedy token on
-this random-weight fixture; the quality
+~0.09 (bf16 by ~0.07 but in the harmless direction here). So the int8 decoder, alone or with a
+bf16 encoder, changes the first greedy token on this random-weight fixture, from the weights'
+rounding alone (it does so with fp32 activations too, on our kernel or the dequantized weight); the quality
 bound (top-1 agreement >= 99% on the probe) still admits it on the fixture (99.4%).
 """
 

@@ -1,6 +1,6 @@
 """Weight-only quantization of the decoder: ``FastVLM.from_pretrained(..., quantization=...)``.
 
-int8 runs on our :class:`~fastvlm.linears.Int8WeightOnlyLinear` (ATen's kernel) on CPU,
+int8 runs on our :class:`~fastvlm.linears.Int8WeightOnlyLinear` (our kernel, else ATen's) on CPU,
 torchao's tensor with ``kernel="torchao"``; int4 is torchao's. Tolerances were set from the
 tiny fixture's measured errors (fp32 activations, CPU): one decoder layer's output is off by
 ~0.6% (int8) and ~8% (int4, groups of 32); the first-step logits by 1.4% (int8) and 22-34%
@@ -183,7 +183,7 @@ def test_unknown_name_is_refused_before_loading(tmp_path) -> None:
 
 def test_unknown_kernel_is_refused_and_the_model_left_alone(reference: FastVLM) -> None:
     model = FastVLM.from_pretrained(fixture_path(TINY))
-    with pytest.raises(ConfigError, match="auto, aten, torchao"):
+    with pytest.raises(ConfigError, match="auto, fastvlm, aten, torchao"):
         quantize_decoder(model, "int8", kernel="fbgemm")
     assert model.quantization is None and all(type(m) is GemvLinear for m in decoder_linears(model).values())
 
@@ -221,20 +221,22 @@ def test_int8_rows_round_to_the_nearest_step_of_their_bf16_scale() -> None:
     assert steps.max() <= 0.5 + 1e-3  # plus the clamp of a max rounded against a slightly small bf16 scale
 
 
+@pytest.mark.parametrize("pack", [False, True], ids=["aten", "fastvlm"])
 @pytest.mark.parametrize("shape", [(1, 1, 64), (1, KERNEL_MAX_ROWS, 64), (2, 20, 64)])
-def test_int8_layer_matches_its_dequantized_weight(shape: tuple[int, ...]) -> None:
+def test_int8_layer_matches_its_dequantized_weight(shape: tuple[int, ...], pack: bool) -> None:
     torch.manual_seed(0)
-    weight, bias = torch.randn(96, 64), torch.randn(96)
-    layer = Int8WeightOnlyLinear.from_weight(weight, bias)
+    weight, bias = torch.randn(99, 64), torch.randn(99)  # 99 rows: the packed layout pads its last group
+    layer = Int8WeightOnlyLinear.from_weight(weight, bias, pack=pack)
+    assert layer.packed == pack and torch.equal(layer.int8_weight(), quantize_rows_int8(weight)[0])
     x = torch.randn(shape)
     got = layer(x)
-    assert got.shape == (*shape[:-1], 96) and got.dtype == torch.float32
+    assert got.shape == (*shape[:-1], 99) and got.dtype == torch.float32
     dequantized = layer.dequantized(torch.float32)
-    if x.numel() // 64 <= KERNEL_MAX_ROWS:  # the kernel: bf16 input rows, bf16 output
+    if x.numel() // 64 <= KERNEL_MAX_ROWS and not pack:  # ATen's kernel: bf16 input rows, bf16 output
         want = F.linear(x.bfloat16().float(), dequantized, bias)
         torch.testing.assert_close(got, want, rtol=2**-8, atol=1e-3 * float(want.abs().max()))
-    else:  # prefill-sized: the dequantized weight in the input's dtype
-        torch.testing.assert_close(got, F.linear(x, dequantized, bias), rtol=1e-6, atol=1e-5)
+    else:  # our kernel (fp32 rows) or, prefill-sized, the dequantized weight in the input's dtype
+        torch.testing.assert_close(got, F.linear(x, dequantized, bias), rtol=1e-5, atol=1e-5)
 
 
 def test_int8_layer_runs_in_bf16_and_refuses_a_float_weight() -> None:

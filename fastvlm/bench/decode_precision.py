@@ -6,8 +6,9 @@ should follow the bytes per step. Each variant is the same random FastVLM-sized 
 fp32 and bf16 with their steps through transformers' forward and ``DynamicCache`` instead of
 :mod:`fastvlm.decoding`'s preallocated buffers (``model.lean_decode = False``);
 bf16 with its one-row steps through ``F.linear`` (:func:`~fastvlm.quantization.use_gemv_decode`
-turned off) and through ``torch.mv``, the default; int8 on our ATen kernel, with and
-without the int8 copy of the tied head (``int8-head``); torchao's eager int8 (the old path);
+turned off) and through ``torch.mv``, the default; int8, with and without the int8 copy of
+the tied head (``int8-head``), on the default kernel (ours, :mod:`fastvlm.native`, where it
+builds) and on ATen's (``aten``); torchao's eager int8 (the old path);
 and torchao int4 with fp32 and with bf16 activations. The variants take turns in each round (so load from
 other processes spreads over all of them) and each reports the median of its rounds.
 
@@ -33,7 +34,7 @@ from fastvlm.measure import markdown_table
 from fastvlm.model import FastVLM
 from fastvlm.presets import fastvlm_config
 from fastvlm.processing import IMAGE_TOKEN_INDEX
-from fastvlm.quantization import decode_step_bytes, quantize_decoder, use_gemv_decode
+from fastvlm.quantization import decode_step_bytes, quantization_kernel, quantize_decoder, use_gemv_decode
 
 VOCAB_EDGE = 1000  # prompt ids are drawn this far from both ends of the vocabulary
 
@@ -54,9 +55,11 @@ VARIANTS = (
     Variant("bf16 F.linear", torch.bfloat16, gemv=False),
     Variant("bf16", torch.bfloat16),
     Variant("bf16 transformers step", torch.bfloat16, lean=False),
-    Variant("int8", torch.float32, "int8", "aten"),
-    Variant("int8-head", torch.float32, "int8-head", "aten"),
-    Variant("int8-head bf16", torch.bfloat16, "int8-head", "aten"),
+    Variant("int8", torch.float32, "int8"),
+    Variant("int8 aten", torch.float32, "int8", "aten"),
+    Variant("int8-head", torch.float32, "int8-head"),
+    Variant("int8-head aten", torch.float32, "int8-head", "aten"),
+    Variant("int8-head bf16", torch.bfloat16, "int8-head"),
     Variant("int8 torchao", torch.float32, "int8", "torchao"),
     Variant("int4", torch.float32, "int4"),
     Variant("int4 bf16", torch.bfloat16, "int4"),
@@ -166,7 +169,7 @@ def run_decode_precision(
                 variant=v.name,
                 dtype=str(v.dtype).removeprefix("torch."),
                 quantization=v.quantization,
-                kernel=v.kernel if v.quantization else "-",
+                kernel=quantization_kernel(model) or "-",
                 step_weight_mb=decode_step_bytes(model) / 1e6,
                 tokens_per_s=rate,
                 runs=runs[v.name],

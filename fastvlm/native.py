@@ -1,0 +1,100 @@
+"""Our own CPU kernels (``fastvlm/csrc``), compiled on this machine the first time they are needed.
+
+There is one: the int8 weight-only GEMV behind :class:`fastvlm.linears.Int8WeightOnlyLinear`
+(``csrc/int8_gemv.cpp``; why ATen's kernel is not enough is written there). It is C++ with
+AVX-512F and AVX2 code paths chosen at run time, built with ``torch.utils.cpp_extension`` (gcc
+or clang with OpenMP, and ninja) into a cache folder keyed by the source, torch and Python
+versions, so a machine compiles it once (about 30 s on 2 cores) and later processes load it in
+milliseconds.
+
+Nothing depends on it being there: on a machine without a compiler, on macOS or Windows, on a
+CPU without AVX2, or with ``FASTVLM_NATIVE_KERNELS=0``, :func:`int8_kernel` returns ``None``
+(with one warning saying why, when a build was tried and failed) and the int8 layers run on
+ATen's kernel as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CACHE_ENV", "DISABLE_ENV", "int8_kernel", "int8_kernel_isa", "kernel_cache_dir"]
+
+DISABLE_ENV = "FASTVLM_NATIVE_KERNELS"  # "0" turns our kernels off (the ATen kernels run instead)
+CACHE_ENV = "FASTVLM_KERNEL_CACHE"  # where compiled kernels live; default ~/.cache/fastvlm/kernels
+SOURCE = Path(__file__).parent / "csrc" / "int8_gemv.cpp"
+OP_NAMESPACE = "fastvlm_native"
+
+
+def kernel_cache_dir() -> Path:
+    """The folder compiled kernels are kept in (``$FASTVLM_KERNEL_CACHE``, else ``~/.cache/fastvlm/kernels``)."""
+    configured = os.environ.get(CACHE_ENV)
+    return Path(configured) if configured else Path.home() / ".cache" / "fastvlm" / "kernels"
+
+
+def _unsupported_reason() -> str | None:
+    """Why this machine cannot build the kernel, or None when it can try."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return f"{DISABLE_ENV}=0"
+    if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the kernel is written for x86-64 Linux, not {sys.platform} on {platform.machine()}"
+    return None
+
+
+@functools.cache
+def int8_kernel() -> Any | None:
+    """The compiled int8 GEMV op (``torch.ops.fastvlm_native.int8_packed_mm``), or None where it cannot run.
+
+    Builds it on first use (see the module docstring); a failed build warns once and returns
+    None, and so does a CPU with neither AVX-512F nor AVX2 + FMA.
+    """
+    if _unsupported_reason() is not None:
+        return None
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    name = f"fastvlm_int8_gemv_{tag}"
+    build_dir = kernel_cache_dir() / name
+    try:
+        from torch.utils import cpp_extension
+
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if not any(build_dir.glob("*.so")):
+            print(f"fastvlm: compiling the int8 CPU kernel into {build_dir} (once per machine)", file=sys.stderr)
+        cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as err:  # no compiler (CalledProcessError), no ninja (RuntimeError), a failed build, ...
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        first_line = next((line for line in lines if "error:" in line), lines[0])[:300]  # the compiler's own error
+        warnings.warn(
+            f"fastvlm's int8 CPU kernel could not be built ({first_line}); int8 layers use ATen's slower kernel. "
+            f"Needs gcc (or clang) with OpenMP and `pip install ninja`; set {DISABLE_ENV}=0 to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    ops = getattr(torch.ops, OP_NAMESPACE)
+    if ops.int8_gemv_isa() == "none":
+        return None
+    return ops.int8_packed_mm
+
+
+def int8_kernel_isa() -> str | None:
+    """The instruction set the int8 kernel runs with here (``"avx512"`` or ``"avx2"``), None when it does not."""
+    if int8_kernel() is None:
+        return None
+    return str(getattr(torch.ops, OP_NAMESPACE).int8_gemv_isa())

@@ -1,0 +1,180 @@
+"""Our compiled int8 CPU kernel (``fastvlm/csrc/int8_gemv.cpp``, loaded by :mod:`fastvlm.native`).
+
+It must build on the machines the project runs on (x86-64 Linux with gcc), give the product
+with the dequantized weight to fp32 rounding on both of its instruction sets, name its bad
+inputs, and leave int8 working on ATen's kernel when it cannot be built or is turned off.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvlm import native
+from fastvlm.errors import ConfigError
+from fastvlm.linears import Int8WeightOnlyLinear, pack_rows, quantize_rows_int8, unpack_rows
+from fastvlm.model import FastVLM
+from fastvlm.quantization import decoder_linears, quantization_kernel, quantize_decoder
+from tests.conftest import fixture_path
+
+X86_LINUX = sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not X86_LINUX, reason="the kernel is written for x86-64 Linux")
+
+
+def _isas() -> list[str]:
+    best = native.int8_kernel_isa()
+    return ["avx512", "avx2"] if best == "avx512" else [best] if best else []
+
+
+def _op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, isa: str = "auto") -> torch.Tensor:
+    return torch.ops.fastvlm_native.int8_packed_mm(x, packed, scales, isa)
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=os.environ | env, timeout=300
+    )
+
+
+def test_the_kernel_builds_and_runs_here() -> None:
+    assert native.int8_kernel() is not None, "the int8 kernel did not build (see the RuntimeWarning)"
+    assert native.int8_kernel_isa() in ("avx512", "avx2")
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize(("n", "k"), [(1, 16), (7, 64), (8, 32), (99, 64), (256, 896)])
+def test_kernel_matches_the_dequantized_weight(isa: str, n: int, k: int) -> None:
+    if isa not in _isas():
+        pytest.skip(f"this CPU has no {isa}")
+    torch.manual_seed(n + k)
+    q, scales = quantize_rows_int8(torch.randn(n, k))
+    packed, weight = pack_rows(q), q.float() * scales.float()[:, None]
+    for rows in (1, 2, 3, 4, 5, 16):
+        x = torch.randn(rows, k)
+        got, want = _op(x, packed, scales.float(), isa), F.linear(x, weight)
+        assert got.shape == (rows, n)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_packing_round_trips_and_pads_the_last_group_with_zeros() -> None:
+    q = torch.randint(-127, 128, (13, 48), dtype=torch.int8)
+    packed = pack_rows(q)
+    assert packed.shape == (2, 3, 8, 16)
+    assert torch.equal(packed[0, 1, 2], q[2, 16:32])  # block 0, chunk 1, row 2
+    assert not packed[1, :, 5:].any()  # rows 13..15 do not exist
+    assert torch.equal(unpack_rows(packed, 13), q)
+
+
+def test_kernel_names_its_bad_inputs() -> None:
+    q, scales = quantize_rows_int8(torch.randn(16, 32))
+    packed, s = pack_rows(q), scales.float()
+    cases = [
+        ((torch.randn(1, 32, dtype=torch.bfloat16), packed, s, "auto"), "x must be 2-D float32"),
+        ((torch.randn(1, 48), packed, s, "auto"), "x has 48 columns, the weight 32"),
+        ((torch.randn(1, 32), packed, s[:5], "auto"), "5 scales need 1 row groups, the packed weight has 2"),
+        ((torch.randn(1, 32), q, s, "auto"), r"packed must be int8 \[ceil\(N/8\), K/16, 8, 16\]"),
+        ((torch.randn(1, 32), packed, s, "sse2"), "unknown instruction set 'sse2'"),
+    ]
+    assert _op(torch.randn(1, 32), packed, s[:9]).shape == (1, 9)  # 9 rows need 2 groups too: valid
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            _op(*args)
+
+
+def test_quantize_decoder_packs_for_the_kernel_by_default_and_aten_on_request() -> None:
+    reference = FastVLM.from_pretrained(fixture_path("apple_fastvlm_tiny"))
+    ours = quantize_decoder(FastVLM.from_pretrained(fixture_path("apple_fastvlm_tiny")), "int8-head")
+    aten = quantize_decoder(FastVLM.from_pretrained(fixture_path("apple_fastvlm_tiny")), "int8-head", kernel="aten")
+    assert quantization_kernel(ours) == "fastvlm" and quantization_kernel(aten) == "aten"
+    assert quantization_kernel(reference) is None
+    assert all(m.packed for m in decoder_linears(ours).values())  # the 387-row head included (padded)
+    assert not any(m.packed for m in decoder_linears(aten).values())
+    torch.manual_seed(0)
+    for name, layer in decoder_linears(ours).items():  # same int8 weights, so the same products up to rounding
+        other = decoder_linears(aten)[name]
+        assert torch.equal(layer.int8_weight(), other.int8_weight()), name
+        x = torch.randn(1, layer.in_features)
+        exact = F.linear(x, layer.dequantized(torch.float32), layer.bias)
+        ours_error = (layer(x) - exact).abs().max()
+        aten_error = (other(x) - exact).abs().max()  # ATen rounds the activations to bf16
+        assert ours_error <= 1e-5 * exact.abs().max() and ours_error <= aten_error, name
+
+
+def test_turned_off_the_kernel_is_not_used_and_int8_still_runs() -> None:
+    code = """
+import torch
+from fastvlm import native
+from fastvlm.errors import ConfigError
+from fastvlm.model import FastVLM
+from fastvlm.quantization import quantization_kernel, quantize_decoder
+from tests.conftest import fixture_path
+assert native.int8_kernel() is None
+try:
+    quantize_decoder(FastVLM.from_pretrained(fixture_path("apple_fastvlm_tiny")), "int8", kernel="fastvlm")
+except ConfigError as err:
+    print("refused:", err)
+model = FastVLM.from_pretrained(fixture_path("apple_fastvlm_tiny"), quantization="int8")
+print("kernel:", quantization_kernel(model))
+print("logits:", model.language_model(torch.arange(3, 9)[None]).logits.shape)
+"""
+    result = _run_python(code, **{native.DISABLE_ENV: "0"})
+    assert result.returncode == 0, result.stderr
+    assert "refused: the fastvlm int8 kernel is not available here" in result.stdout
+    assert "kernel: aten" in result.stdout and "logits: torch.Size([1, 6, 387])" in result.stdout
+
+
+def test_a_failed_build_warns_once_and_falls_back(tmp_path: Path) -> None:
+    code = """
+import warnings
+import torch
+from fastvlm import native
+from fastvlm.linears import Int8WeightOnlyLinear
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert native.int8_kernel() is None and native.int8_kernel() is None
+print("warnings:", len(caught), caught[0].message if caught else "")
+layer = Int8WeightOnlyLinear.from_weight(torch.randn(16, 32), pack=True)
+print("output:", layer(torch.randn(1, 32)).shape)  # a packed layer without the kernel: ATen on the unpacked weight
+"""
+    result = _run_python(code, CXX="/bin/false", **{native.CACHE_ENV: str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert "warnings: 1 fastvlm's int8 CPU kernel could not be built" in result.stdout
+    assert "output: torch.Size([1, 16])" in result.stdout
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_a_second_process_loads_the_built_kernel_without_compiling() -> None:
+    assert native.int8_kernel() is not None  # built (or loaded) by this process
+    result = _run_python("from fastvlm import native; print(native.int8_kernel_isa())")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == native.int8_kernel_isa()
+    assert "compiling" not in result.stderr
+
+
+def test_fastvlm_kernel_on_request_is_refused_with_the_reason_when_it_cannot_run(monkeypatch) -> None:
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    native.int8_kernel.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="use kernel='aten'"):
+            quantize_decoder(FastVLM.from_pretrained(fixture_path("apple_fastvlm_tiny")), "int8", kernel="fastvlm")
+    finally:
+        monkeypatch.delenv(native.DISABLE_ENV)
+        native.int8_kernel.cache_clear()
+    assert native.int8_kernel() is not None  # loads again once allowed
+
+
+def test_a_packed_layer_reports_itself() -> None:
+    layer = Int8WeightOnlyLinear.from_weight(torch.randn(24, 32), pack=True)
+    assert "packed=True" in repr(layer) and layer.qweight.shape == (3, 2, 8, 16)
+    unpackable = Int8WeightOnlyLinear.from_weight(torch.randn(24, 40), pack=True)  # 40 is not a multiple of 16
+    assert unpackable.packed is False
+    with pytest.raises(ValueError, match="packed"):
+        Int8WeightOnlyLinear(torch.zeros(2, 2, 8, 16, dtype=torch.int8), torch.ones(24), None)  # 24 rows need 3 groups
