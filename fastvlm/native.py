@@ -29,15 +29,20 @@ import torch
 __all__ = ["CACHE_ENV", "DISABLE_ENV", "int8_kernel", "int8_kernel_isa", "kernel_cache_dir"]
 
 DISABLE_ENV = "FASTVLM_NATIVE_KERNELS"  # "0" turns our kernels off (the ATen kernels run instead)
-CACHE_ENV = "FASTVLM_KERNEL_CACHE"  # where compiled kernels live; default ~/.cache/fastvlm/kernels
+CACHE_ENV = "FASTVLM_KERNEL_CACHE"  # where compiled kernels live
+CACHE_DIR_ENV = "FASTVLM_CACHE_DIR"  # fastvlm's cache folder (the precision choices live there too)
 SOURCE = Path(__file__).parent / "csrc" / "int8_gemv.cpp"
 OP_NAMESPACE = "fastvlm_native"
 
 
 def kernel_cache_dir() -> Path:
-    """The folder compiled kernels are kept in (``$FASTVLM_KERNEL_CACHE``, else ``~/.cache/fastvlm/kernels``)."""
+    """Where compiled kernels are kept: ``$FASTVLM_KERNEL_CACHE``, else ``kernels/`` in ``$FASTVLM_CACHE_DIR``
+    (default ``~/.cache/fastvlm``)."""
     configured = os.environ.get(CACHE_ENV)
-    return Path(configured) if configured else Path.home() / ".cache" / "fastvlm" / "kernels"
+    if configured:
+        return Path(configured)
+    folder = os.environ.get(CACHE_DIR_ENV)
+    return (Path(folder) if folder else Path.home() / ".cache" / "fastvlm") / "kernels"
 
 
 def _unsupported_reason() -> str | None:
