@@ -150,6 +150,7 @@ class Int8WeightOnlyLinear(nn.Module):
 
     qweight: torch.Tensor
     scales: torch.Tensor
+    kernel_scales: torch.Tensor
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -170,6 +171,8 @@ class Int8WeightOnlyLinear(nn.Module):
         self.in_features = qweight.shape[1] * PACK_CHUNK if packed else qweight.shape[1]
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.to(torch.bfloat16))
+        # The fp32 copy our kernel takes, kept so that a step does not convert 169 scale vectors again.
+        self.register_buffer("kernel_scales", self.scales.float(), persistent=False)
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
 
     @classmethod
@@ -197,7 +200,8 @@ class Int8WeightOnlyLinear(nn.Module):
             flat = x.reshape(rows, self.in_features)
             kernel = native.int8_kernel() if self.packed else None
             if kernel is not None:
-                out = kernel(flat.float(), self.qweight, self.scales.float())
+                scales = self.kernel_scales  # float32, unless a module.to(dtype) converted the buffer
+                out = kernel(flat.float(), self.qweight, scales if scales.dtype == torch.float32 else scales.float())
             else:
                 scales = self.scales.to(torch.bfloat16)  # a no-op unless a module.to(dtype) converted the buffer
                 out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.int8_weight(), scales)

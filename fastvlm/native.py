@@ -20,6 +20,7 @@ import hashlib
 import os
 import platform
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ CACHE_ENV = "FASTVLM_KERNEL_CACHE"  # where compiled kernels live
 CACHE_DIR_ENV = "FASTVLM_CACHE_DIR"  # fastvlm's cache folder (the precision choices live there too)
 SOURCE = Path(__file__).parent / "csrc" / "int8_gemv.cpp"
 OP_NAMESPACE = "fastvlm_native"
+STALE_LOCK_S = 600  # a build lock older than this was left by a process that died while compiling
 
 
 def kernel_cache_dir() -> Path:
@@ -71,6 +73,7 @@ def int8_kernel() -> Any | None:
         from torch.utils import cpp_extension
 
         build_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_lock(build_dir / "lock")
         if not any(build_dir.glob("*.so")):
             print(f"fastvlm: compiling the int8 CPU kernel into {build_dir} (once per machine)", file=sys.stderr)
         cpp_extension.load(
@@ -96,6 +99,18 @@ def int8_kernel() -> Any | None:
     if ops.int8_gemv_isa() == "none":
         return None
     return ops.int8_packed_mm
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    """Delete a build lock left by a process killed while compiling (torch would wait on it forever).
+
+    A build takes well under a minute, so a lock older than :data:`STALE_LOCK_S` has no live owner.
+    """
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def int8_kernel_isa() -> str | None:

@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,20 @@ def test_a_packed_layer_reports_itself() -> None:
     assert unpackable.packed is False
     with pytest.raises(ValueError, match="packed"):
         Int8WeightOnlyLinear(torch.zeros(2, 2, 8, 16, dtype=torch.int8), torch.ones(24), None)  # 24 rows need 3 groups
+
+
+def test_a_lock_left_by_a_killed_build_does_not_block_the_next(tmp_path: Path) -> None:
+    folder = tmp_path / "kernels"
+    code = "from fastvlm import native; print(native.int8_kernel_isa())"
+    first = _run_python(code, **{native.CACHE_ENV: str(folder)})  # builds into the empty folder
+    assert first.returncode == 0 and first.stdout.strip() in ("avx512", "avx2"), first.stderr
+    (build,) = folder.iterdir()
+    for library in build.glob("*.so"):
+        library.unlink()  # as if the build had been killed: no library, and its lock left behind
+    lock = build / "lock"
+    lock.touch()
+    old = time.time() - 2 * native.STALE_LOCK_S
+    os.utime(lock, (old, old))
+    again = _run_python(code, **{native.CACHE_ENV: str(folder)})
+    assert again.returncode == 0 and again.stdout.strip() == first.stdout.strip(), again.stderr
+    assert "compiling" in again.stderr and not lock.exists()
