@@ -18,7 +18,13 @@ import torch.nn.functional as F
 
 from fastvlm.cli import main
 from fastvlm.errors import CheckpointError, ConfigError
-from fastvlm.linears import KERNEL_MAX_ROWS, GemvLinear, Int8WeightOnlyLinear, quantize_rows_int8
+from fastvlm.linears import (
+    KERNEL_MAX_ROWS,
+    PACKED_KERNEL_MAX_ROWS,
+    GemvLinear,
+    Int8WeightOnlyLinear,
+    quantize_rows_int8,
+)
 from fastvlm.model import FastVLM
 from fastvlm.quantization import (
     decode_step_bytes,
@@ -222,7 +228,9 @@ def test_int8_rows_round_to_the_nearest_step_of_their_bf16_scale() -> None:
 
 
 @pytest.mark.parametrize("pack", [False, True], ids=["aten", "fastvlm"])
-@pytest.mark.parametrize("shape", [(1, 1, 64), (1, KERNEL_MAX_ROWS, 64), (2, 20, 64)])
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 64), (1, KERNEL_MAX_ROWS, 64), (2, 20, 64), (1, PACKED_KERNEL_MAX_ROWS + 1, 64)]
+)
 def test_int8_layer_matches_its_dequantized_weight(shape: tuple[int, ...], pack: bool) -> None:
     torch.manual_seed(0)
     weight, bias = torch.randn(99, 64), torch.randn(99)  # 99 rows: the packed layout pads its last group
