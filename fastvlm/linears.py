@@ -156,7 +156,6 @@ class Int8WeightOnlyLinear(nn.Module):
 
     qweight: torch.Tensor
     scales: torch.Tensor
-    kernel_scales: torch.Tensor
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -172,13 +171,10 @@ class Int8WeightOnlyLinear(nn.Module):
             raise ValueError(
                 f"expected [out] scales for an int8 {tuple(qweight.shape)} weight, got {tuple(scales.shape)}"
             )
-        self.packed = packed
         self.out_features = out_features
         self.in_features = qweight.shape[1] * PACK_CHUNK if packed else qweight.shape[1]
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.to(torch.bfloat16))
-        # The fp32 copy our kernel takes, kept so that a step does not convert 169 scale vectors again.
-        self.register_buffer("kernel_scales", self.scales.float(), persistent=False)
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
 
     @classmethod
@@ -191,6 +187,11 @@ class Int8WeightOnlyLinear(nn.Module):
         """
         q, scales = quantize_rows_int8(weight)
         return cls(pack_rows(q) if pack and can_pack_rows(q) else q, scales, bias)
+
+    @property
+    def packed(self) -> bool:
+        """Whether ``qweight`` is in the native kernel's layout (:func:`pack_rows`) rather than [out, in]."""
+        return self.qweight.dim() == 4
 
     def int8_weight(self) -> torch.Tensor:
         """The int8 weight as [out, in] (unpacked when the layer holds it packed)."""
@@ -205,9 +206,8 @@ class Int8WeightOnlyLinear(nn.Module):
         eager_cpu = rows > 0 and _eager_on_cpu(x)
         kernel = native.int8_kernel() if self.packed and eager_cpu else None
         if kernel is not None and rows <= PACKED_KERNEL_MAX_ROWS:
-            scales = self.kernel_scales  # float32, unless a module.to(dtype) converted the buffer
             flat = x.reshape(rows, self.in_features).float()
-            out = kernel(flat, self.qweight, scales if scales.dtype == torch.float32 else scales.float())
+            out = kernel(flat, self.qweight, self.scales.float())
             out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         elif eager_cpu and rows <= KERNEL_MAX_ROWS:
             scales = self.scales.to(torch.bfloat16)  # a no-op unless a module.to(dtype) converted the buffer

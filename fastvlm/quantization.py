@@ -25,8 +25,9 @@ The methods (weight-only, activations stay in the model's dtype):
   AVX-512/AVX2 kernel (:mod:`fastvlm.native`, fp32 activations) where it builds, else ATen's
   ``_weight_int8pack_mm``, which is vectorised for bf16 activations only, so the layer's
   input rows are rounded to bf16 for it (in an fp32 model too; the output returns in the
-  model's dtype). Prefill-sized inputs (more than
-  :data:`fastvlm.linears.KERNEL_MAX_ROWS` rows) multiply by the dequantised weight instead.
+  model's dtype). Prefill-sized inputs (more than :data:`fastvlm.linears.PACKED_KERNEL_MAX_ROWS`
+  rows on our kernel, :data:`fastvlm.linears.KERNEL_MAX_ROWS` on ATen's) multiply by the
+  dequantised weight instead.
   Elsewhere (CUDA), or with ``kernel="torchao"``, torchao's ``Int8WeightOnlyConfig``: in
   eager mode it converts the int8 weight to the activation dtype at every call, so it saves
   memory but is slower than the floating-point model on CPU (it was written for
