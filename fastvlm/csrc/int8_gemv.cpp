@@ -38,11 +38,17 @@ constexpr int64_t kPrefetchBytes = 8192;  // how far ahead of the read the prefe
 
 enum class Isa { none = 0, avx2 = 1, avx512 = 2 };
 
-Isa best_isa() {
+Isa detect_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) return Isa::avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
   return Isa::none;
+}
+
+// The CPU does not change under a running process: detect once, not on every call.
+Isa best_isa() {
+  static const Isa detected = detect_isa();
+  return detected;
 }
 
 const char* isa_name(Isa isa) {
