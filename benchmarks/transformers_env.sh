@@ -23,9 +23,11 @@ TORCHVISION_VERSION=${TORCHVISION_VERSION:-0.29.1}
 TRANSFORMERS_VERSION=${TRANSFORMERS_VERSION:-5.24.0}
 TIMM_VERSION=${TIMM_VERSION:-1.0.31}
 PINS="torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION transformers==$TRANSFORMERS_VERSION timm==$TIMM_VERSION"
+# what our package needs besides torch and transformers (ninja builds fastvlm.native's kernels)
+LIGHT_DEPS="tokenizers>=0.20 safetensors>=0.4 huggingface_hub>=0.24 pillow>=10.0 numpy>=1.24 tqdm>=4.66 ninja>=1.11 pytest"
 MARKER="$VENV/.installed"
 
-if [ -f "$MARKER" ] && [ "$(cat "$MARKER")" = "$PINS" ]; then
+if [ -f "$MARKER" ] && [ "$(cat "$MARKER")" = "$PINS $LIGHT_DEPS" ]; then
     echo "$VENV is already built ($PINS)"
 else
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
@@ -34,9 +36,9 @@ else
     "${PIP[@]}" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
     "${PIP[@]}" "torch==$TORCH_VERSION" "transformers==$TRANSFORMERS_VERSION" "timm==$TIMM_VERSION"
     "${PIP[@]}" --no-deps -e .
-    "${PIP[@]}" "torch==$TORCH_VERSION" "tokenizers>=0.20" "safetensors>=0.4" "huggingface_hub>=0.24" \
-        "pillow>=10.0" "numpy>=1.24" "tqdm>=4.66" pytest
-    echo "$PINS" > "$MARKER"
+    # shellcheck disable=SC2086  # one argument per requirement
+    "${PIP[@]}" "torch==$TORCH_VERSION" $LIGHT_DEPS
+    echo "$PINS $LIGHT_DEPS" > "$MARKER"
 fi
 "$VENV/bin/python" - <<'PY'
 import platform

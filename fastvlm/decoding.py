@@ -38,18 +38,33 @@ weights takes most of a ~100 ms step, that is about +5% tokens/s in fp32 and in 
 
 Decoders this module does not cover (sliding-window layers, another architecture) keep
 transformers' forward: :func:`unsupported_reason` says why.
+
+Every layer of a step in one call
+---------------------------------
+
+Even the lean loop pays Python for each of the ~1,000 small operations of a 0.5B step (norms,
+rotary embedding, residual adds, attention), about 10 ms a step on a 2-core Xeon, a third of an
+int8 step. :class:`NativeLayers` hands all layers to one compiled op
+(``fastvlm_native.decode_layers``, :mod:`fastvlm.native`) that makes the same ATen calls in
+the same order, so its logits are bit for bit the loop's. It takes layers whose every part it
+knows (transformers' Qwen2 norm, attention and SiLU MLP; ``nn.Linear``, our ``GemvLinear``
+and packed ``Int8WeightOnlyLinear``; no hooks); for any other decoder, or where the library
+is not built, the Python loop runs: :meth:`NativeLayers.unsupported_reason` says why.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
+
+from fastvlm import native
+from fastvlm.linears import GEMV_DTYPES, PACKED_KERNEL_MAX_ROWS, GemvLinear, Int8WeightOnlyLinear
 
 if TYPE_CHECKING:  # model.py imports this module (through generation); the model types are for annotations only
     from transformers import Qwen2ForCausalLM
@@ -61,6 +76,7 @@ __all__ = [
     "CachedDecoder",
     "DecodeSteps",
     "KVBuffers",
+    "NativeLayers",
     "cache_argument",
     "cache_layers",
     "decoder_step",
@@ -171,7 +187,7 @@ class CachedDecoder:
     mask over every position so far, the new positions) and returns the next-token logits.
     """
 
-    def __init__(self, lm: Qwen2ForCausalLM, buffers: KVBuffers) -> None:
+    def __init__(self, lm: Qwen2ForCausalLM, buffers: KVBuffers, *, native_layers: bool = True) -> None:
         reason = unsupported_reason(lm)
         if reason is not None:
             raise ValueError(f"CachedDecoder cannot run this decoder: {reason}")
@@ -183,11 +199,14 @@ class CachedDecoder:
         from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
         self.rotate = apply_rotary_pos_emb
+        self.native = NativeLayers.build(lm) if native_layers else None  # None: the layers run in Python
 
     @classmethod
-    def after_prefill(cls, lm: Qwen2ForCausalLM, cache: DynamicCache, capacity: int) -> CachedDecoder:
+    def after_prefill(
+        cls, lm: Qwen2ForCausalLM, cache: DynamicCache, capacity: int, *, native_layers: bool = True
+    ) -> CachedDecoder:
         """A decoder continuing from ``cache`` (the prefill's), with room for ``capacity`` positions."""
-        return cls(lm, KVBuffers.from_cache(cache, capacity))
+        return cls(lm, KVBuffers.from_cache(cache, capacity), native_layers=native_layers)
 
     def rewind(self, steps: int) -> None:
         """Forget the last ``steps`` positions (their buffer columns are overwritten by the next steps)."""
@@ -220,9 +239,12 @@ class CachedDecoder:
         model = self.lm.model
         hidden = model.embed_tokens(input_ids)  # [B, 1, H]
         cos, sin = model.rotary_emb(hidden, position_ids)
-        for index, layer in enumerate(model.layers):
-            hidden = hidden + self._attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, index, mask)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        if self.native is not None and self.native.takes(hidden):
+            hidden = self.native(hidden, cos, sin, mask, buffers)
+        else:
+            for index, layer in enumerate(model.layers):
+                hidden = hidden + self._attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, index, mask)
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         buffers.length = position + 1
         return self.lm.lm_head(model.norm(hidden))[:, -1]
 
@@ -257,6 +279,122 @@ class CachedDecoder:
         return attention.o_proj(out.transpose(1, 2).reshape(batch, 1, self.heads * self.head_dim))
 
 
+LINEAR, MV, INT8 = 0, 1, 2  # how decode_layers runs a linear layer (the kinds of csrc/decode_layers.cpp)
+
+
+def _linear_entry(module: Any) -> tuple[int, list[torch.Tensor | None]] | None:
+    """(kind, [weight, scales, bias]) for decode_layers, mirroring ``module``'s forward; None if it cannot."""
+    if type(module) is Int8WeightOnlyLinear:
+        if not module.packed or native.int8_kernel() is None:
+            return None
+        return INT8, [module.qweight, module.scales.float(), module.bias]  # the forward's scales.float(), once
+    if type(module) not in (nn.Linear, GemvLinear) or type(module.weight) not in (torch.Tensor, nn.Parameter):
+        return None
+    gemv = isinstance(module, GemvLinear) and module.use_mv and module.weight.dtype in GEMV_DTYPES
+    return (MV if gemv else LINEAR), [module.weight, None, module.bias]
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+class NativeLayers:
+    """Every decoder layer of a one-token step through ``fastvlm_native.decode_layers`` (module docstring)."""
+
+    def __init__(self, lm: Qwen2ForCausalLM, kernel: Any, tensors: list[torch.Tensor | None], kinds: list[int]) -> None:
+        config, first = lm.config, cast(Any, lm.model.layers[0]).self_attn
+        self.kernel, self.tensors, self.kinds = kernel, tensors, kinds
+        self.eps = [float(norm.variance_epsilon) for layer in lm.model.layers for norm in _norms(layer)]
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads or self.heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        self.scaling = float(first.scaling)
+        self.max_rows = PACKED_KERNEL_MAX_ROWS if INT8 in kinds else None  # more rows: Int8 layers dequantize
+
+    @staticmethod
+    def unsupported_reason(lm: Qwen2ForCausalLM) -> str | None:
+        """Why decode_layers cannot run ``lm``'s layers exactly as the Python loop would (None: it can)."""
+        if native.decode_layers_kernel() is None:
+            return "fastvlm's CPU kernels are not built here (fastvlm.native)"
+        if lm.model.embed_tokens.weight.device.type != "cpu":
+            return "the decoder is not on the CPU"
+        if getattr(lm.config, "hidden_act", None) != "silu":
+            return f"the MLP activation is {getattr(lm.config, 'hidden_act', None)!r}, not silu"
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return "global module hooks are registered"
+        for index, layer in enumerate(lm.model.layers):
+            parts = (type(layer), type(layer.self_attn), type(layer.mlp), *(type(n) for n in _norms(layer)))
+            names = [part.__name__ for part in parts]
+            if names != ["Qwen2DecoderLayer", "Qwen2Attention", "Qwen2MLP", "Qwen2RMSNorm", "Qwen2RMSNorm"]:
+                return f"layer {index} is built from {names}, not transformers' Qwen2 modules"
+            if _has_hooks(layer):
+                return f"layer {index} has forward hooks"
+            for name, module in _linears(layer):
+                if _linear_entry(module) is None:
+                    return f"layer {index}'s {name} is a {type(module).__name__} decode_layers does not run"
+        return None
+
+    @classmethod
+    def build(cls, lm: Qwen2ForCausalLM) -> NativeLayers | None:
+        """The layers of ``lm`` ready for decode_layers, or None where the Python loop must run them."""
+        if cls.unsupported_reason(lm) is not None:
+            return None
+        tensors: list[torch.Tensor | None] = []
+        kinds = []
+        for layer in lm.model.layers:
+            for _, module in _linears(layer):
+                kind, entry = _linear_entry(module)  # type: ignore[misc]  # checked by unsupported_reason
+                kinds.append(kind)
+                tensors.extend(entry)
+            tensors.extend(norm.weight for norm in _norms(layer))
+        return cls(lm, native.decode_layers_kernel(), tensors, kinds)
+
+    def takes(self, hidden: torch.Tensor) -> bool:
+        """Whether this step can run here: no gradients, not traced, and not more rows than the int8 kernel takes."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return False
+        return self.max_rows is None or hidden.shape[0] <= self.max_rows
+
+    def __call__(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, buffers: KVBuffers
+    ) -> torch.Tensor:
+        """``hidden`` [B, 1, H] after every layer; each layer's key and value go into column ``buffers.length``."""
+        return self.kernel(
+            hidden,
+            cos,
+            sin,
+            mask,
+            buffers.keys,
+            buffers.values,
+            buffers.length,
+            self.tensors,
+            self.kinds,
+            self.eps,
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+            self.scaling,
+        )
+
+
+def _norms(layer: Any) -> tuple[Any, Any]:
+    return layer.input_layernorm, layer.post_attention_layernorm
+
+
+def _linears(layer: Any) -> list[tuple[str, Any]]:
+    """The layer's linear modules in decode_layers' order: q, k, v, o, gate, up, down."""
+    attention, mlp = layer.self_attn, layer.mlp
+    return [
+        ("q_proj", attention.q_proj),
+        ("k_proj", attention.k_proj),
+        ("v_proj", attention.v_proj),
+        ("o_proj", attention.o_proj),
+        ("gate_proj", mlp.gate_proj),
+        ("up_proj", mlp.up_proj),
+        ("down_proj", mlp.down_proj),
+    ]
+
+
 class DecodeSteps:
     """The one-token steps after a prefill, through the path generation takes.
 
@@ -272,7 +410,9 @@ class DecodeSteps:
         self.model, self.cache = model, cache
         lm = model.language_model
         lean = model.lean_decode and unsupported_reason(lm) is None
-        self.decoder = CachedDecoder.after_prefill(lm, cache, capacity) if lean else None
+        self.decoder = (
+            CachedDecoder.after_prefill(lm, cache, capacity, native_layers=model.native_decode) if lean else None
+        )
 
     @classmethod
     def from_layers(cls, model: FastVLM, layers: list[tuple[torch.Tensor, torch.Tensor]], capacity: int) -> DecodeSteps:

@@ -19,8 +19,10 @@ works around both:
   times slower than the fp32 layer). :class:`Int8WeightOnlyLinear` therefore rounds a
   row's activations to bf16 for that kernel and returns the result in the input's dtype.
   Even so it reads about 10 GB/s where fp32 GEMV reads 21 (2-core Xeon), so where it can
-  be compiled our own kernel (:mod:`fastvlm.native`) runs instead: fp32 activations, the
-  weight packed so that it streams front to back (:func:`pack_rows`), about 1.5x ATen's.
+  be compiled our own kernel (:mod:`fastvlm.native`) runs instead: activations at full
+  precision (exact integer products of the weights and each row's activations at 28 bits on
+  CPUs with AVX-512 VNNI, fp32 FMAs on others), the weight packed so that it streams front
+  to back (:func:`pack_rows`), about 1.5-2x ATen's.
   For many rows (prefill) either kernel is slower than one dequantisation plus a GEMM, so
   above :data:`KERNEL_MAX_ROWS` rows (ATen's) or :data:`PACKED_KERNEL_MAX_ROWS` (ours) the
   weight is dequantised for that call.
@@ -148,7 +150,7 @@ class Int8WeightOnlyLinear(nn.Module):
     ``qweight`` is [out, in], or, when the layer is built with ``pack=True``, the native
     kernel's layout (:func:`pack_rows`; ``packed`` is then True and :meth:`int8_weight` gives
     the [out, in] matrix back). Few rows on CPU run a kernel that reads one byte per weight:
-    our AVX-512/AVX2 kernel (:mod:`fastvlm.native`; fp32 activations) for a packed weight, up
+    our VNNI/AVX-512/AVX2 kernel (:mod:`fastvlm.native`; full-precision activations) for a packed weight, up
     to :data:`PACKED_KERNEL_MAX_ROWS` rows, else ATen's ``_weight_int8pack_mm`` (bf16
     activations) up to :data:`KERNEL_MAX_ROWS`. More rows, and other devices, multiply by the
     dequantised weight.

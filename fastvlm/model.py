@@ -126,6 +126,8 @@ class FastVLM(nn.Module):
         use_gemv_decode(self)  # one-row bf16 decode steps read the weights at memory speed on CPU (fastvlm.linears)
         # Decode steps over preallocated KV buffers (fastvlm.decoding); False: transformers' forward
         self.lean_decode = True
+        # ...and with every layer of a step in one call to our compiled op where it can (fastvlm.decoding.NativeLayers)
+        self.native_decode = True
 
     # ------------------------------------------------------------------ properties
     @property

@@ -1,16 +1,22 @@
 """Our own CPU kernels (``fastvlm/csrc``), compiled on this machine the first time they are needed.
 
-There is one: the int8 weight-only GEMV behind :class:`fastvlm.linears.Int8WeightOnlyLinear`
-(``csrc/int8_gemv.cpp``; why ATen's kernel is not enough is written there). It is C++ with
-AVX-512F and AVX2 code paths chosen at run time, built with ``torch.utils.cpp_extension`` (gcc
-or clang with OpenMP, and ninja) into a cache folder keyed by the source, torch and Python
-versions, so a machine compiles it once (about 30 s on 2 cores) and later processes load it in
-milliseconds.
+One library with two ops under ``torch.ops.fastvlm_native``:
 
-Nothing depends on it being there: on a machine without a compiler, on macOS or Windows, on a
-CPU without AVX2, or with ``FASTVLM_NATIVE_KERNELS=0``, :func:`int8_kernel` returns ``None``
-(with one warning saying why, when a build was tried and failed) and the int8 layers run on
-ATen's kernel as before.
+- ``int8_packed_mm``, the int8 weight-only GEMV behind :class:`fastvlm.linears.Int8WeightOnlyLinear`
+  (``csrc/int8_gemv.cpp``; why ATen's kernel is not enough is written there), C++ with AVX-512
+  VNNI, AVX-512F and AVX2 code paths chosen at run time (:func:`int8_kernel`);
+- ``decode_layers``, every decoder layer of a one-token step in one call, the same ATen calls
+  as :class:`fastvlm.decoding.CachedDecoder`'s Python loop without the interpreter between them
+  (``csrc/decode_layers.cpp``; :func:`decode_layers_kernel`).
+
+It is built with ``torch.utils.cpp_extension`` (gcc or clang with OpenMP, and ninja) into a
+cache folder keyed by the sources, torch and Python versions, so a machine compiles it once
+(about 30 s on 2 cores) and later processes load it in milliseconds.
+
+Nothing depends on it being there: on a machine without a compiler, on macOS or Windows, or
+with ``FASTVLM_NATIVE_KERNELS=0``, both accessors return ``None`` (with one warning saying why,
+when a build was tried and failed), the int8 layers run on ATen's kernel and decode steps take
+the Python loop, as before. A CPU without AVX2 gets ``decode_layers`` but not the int8 kernel.
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["CACHE_ENV", "DISABLE_ENV", "int8_kernel", "int8_kernel_isa", "kernel_cache_dir"]
+__all__ = ["CACHE_ENV", "DISABLE_ENV", "decode_layers_kernel", "int8_kernel", "int8_kernel_isa", "kernel_cache_dir"]
 
 DISABLE_ENV = "FASTVLM_NATIVE_KERNELS"  # "0" turns our kernels off (the ATen kernels run instead)
 CACHE_ENV = "FASTVLM_KERNEL_CACHE"  # where compiled kernels live
 CACHE_DIR_ENV = "FASTVLM_CACHE_DIR"  # fastvlm's cache folder (the precision choices live there too)
-SOURCE = Path(__file__).parent / "csrc" / "int8_gemv.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "int8_gemv.cpp", CSRC / "decode_layers.cpp")  # compiled into one library
+HEADERS = (CSRC / "int8_gemv.h",)
 OP_NAMESPACE = "fastvlm_native"
 STALE_LOCK_S = 600  # a build lock older than this was left by a process that died while compiling
 
@@ -57,17 +65,14 @@ def _unsupported_reason() -> str | None:
 
 
 @functools.cache
-def int8_kernel() -> Any | None:
-    """The compiled int8 GEMV op (``torch.ops.fastvlm_native.int8_packed_mm``), or None where it cannot run.
-
-    Builds it on first use (see the module docstring); a failed build warns once and returns
-    None, and so does a CPU with neither AVX-512F nor AVX2 + FMA.
-    """
+def _library() -> Any | None:
+    """``torch.ops.fastvlm_native`` once the library is built and loaded here, else None (see the module docstring)."""
     if _unsupported_reason() is not None:
         return None
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
-    name = f"fastvlm_int8_gemv_{tag}"
+    digest = hashlib.sha256(torch.__version__.encode() + sys.version.encode())
+    for path in SOURCES + HEADERS:
+        digest.update(path.read_bytes())
+    name = f"fastvlm_native_{digest.hexdigest()[:16]}"
     build_dir = kernel_cache_dir() / name
     try:
         from torch.utils import cpp_extension
@@ -75,10 +80,10 @@ def int8_kernel() -> Any | None:
         build_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_lock(build_dir / "lock")
         if not any(build_dir.glob("*.so")):
-            print(f"fastvlm: compiling the int8 CPU kernel into {build_dir} (once per machine)", file=sys.stderr)
+            print(f"fastvlm: compiling the CPU kernels into {build_dir} (once per machine)", file=sys.stderr)
         cpp_extension.load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(path) for path in SOURCES],
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
@@ -89,16 +94,34 @@ def int8_kernel() -> Any | None:
         lines = str(err).strip().splitlines() or [type(err).__name__]
         first_line = next((line for line in lines if "error:" in line), lines[0])[:300]  # the compiler's own error
         warnings.warn(
-            f"fastvlm's int8 CPU kernel could not be built ({first_line}); int8 layers use ATen's slower kernel. "
-            f"Needs gcc (or clang) with OpenMP and `pip install ninja`; set {DISABLE_ENV}=0 to skip the attempt.",
+            f"fastvlm's CPU kernels could not be built ({first_line}); int8 layers use ATen's slower kernel and "
+            f"decode steps run layer by layer in Python. Needs gcc (or clang) with OpenMP and `pip install ninja`; "
+            f"set {DISABLE_ENV}=0 to skip the attempt.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
         return None
-    ops = getattr(torch.ops, OP_NAMESPACE)
-    if ops.int8_gemv_isa() == "none":
+    return getattr(torch.ops, OP_NAMESPACE)
+
+
+@functools.cache
+def int8_kernel() -> Any | None:
+    """The compiled int8 GEMV op (``torch.ops.fastvlm_native.int8_packed_mm``), or None where it cannot run.
+
+    Builds the library on first use (see the module docstring); a failed build warns once and
+    returns None, and so does a CPU with neither AVX-512F nor AVX2 + FMA.
+    """
+    ops = _library()
+    if ops is None or ops.int8_gemv_isa() == "none":
         return None
     return ops.int8_packed_mm
+
+
+@functools.cache
+def decode_layers_kernel() -> Any | None:
+    """The compiled op running every decoder layer of a step (``torch.ops.fastvlm_native.decode_layers``), or None."""
+    ops = _library()
+    return None if ops is None else ops.decode_layers
 
 
 def _remove_stale_lock(lock: Path) -> None:
@@ -114,7 +137,7 @@ def _remove_stale_lock(lock: Path) -> None:
 
 
 def int8_kernel_isa() -> str | None:
-    """The instruction set the int8 kernel runs with here (``"avx512"`` or ``"avx2"``), None when it does not."""
+    """The int8 kernel's instruction set here (``"vnni"``, ``"avx512"``, ``"avx2"``); None where it does not run."""
     if int8_kernel() is None:
         return None
     return str(getattr(torch.ops, OP_NAMESPACE).int8_gemv_isa())

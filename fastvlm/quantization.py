@@ -22,7 +22,7 @@ The methods (weight-only, activations stay in the model's dtype):
 * ``int8``: symmetric, one scale per output row. On CPU our own
   :class:`fastvlm.linears.Int8WeightOnlyLinear`, which for decode-sized inputs runs a kernel
   that reads one byte per weight, so decode is faster as well as smaller: our compiled
-  AVX-512/AVX2 kernel (:mod:`fastvlm.native`, fp32 activations) where it builds, else ATen's
+  VNNI/AVX-512/AVX2 kernel (:mod:`fastvlm.native`, full-precision activations) where it builds, else ATen's
   ``_weight_int8pack_mm``, which is vectorised for bf16 activations only, so the layer's
   input rows are rounded to bf16 for it (in an fp32 model too; the output returns in the
   model's dtype). Prefill-sized inputs (more than :data:`fastvlm.linears.PACKED_KERNEL_MAX_ROWS`

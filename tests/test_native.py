@@ -31,8 +31,9 @@ pytestmark = pytest.mark.skipif(not X86_LINUX, reason="the kernel is written for
 
 
 def _isas() -> list[str]:
+    order = ["vnni", "avx512", "avx2"]  # each CPU runs every set below its best
     best = native.int8_kernel_isa()
-    return ["avx512", "avx2"] if best == "avx512" else [best] if best else []
+    return order[order.index(best) :] if best else []
 
 
 def _op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, isa: str = "auto") -> torch.Tensor:
@@ -47,10 +48,10 @@ def _run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_kernel_builds_and_runs_here() -> None:
     assert native.int8_kernel() is not None, "the int8 kernel did not build (see the RuntimeWarning)"
-    assert native.int8_kernel_isa() in ("avx512", "avx2")
+    assert native.int8_kernel_isa() in ("vnni", "avx512", "avx2")
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("isa", ["vnni", "avx512", "avx2"])
 @pytest.mark.parametrize(("n", "k"), [(1, 16), (7, 64), (8, 32), (99, 64), (256, 896)])
 def test_kernel_matches_the_dequantized_weight(isa: str, n: int, k: int) -> None:
     if isa not in _isas():
@@ -63,6 +64,41 @@ def test_kernel_matches_the_dequantized_weight(isa: str, n: int, k: int) -> None
         got, want = _op(x, packed, scales.float(), isa), F.linear(x, weight)
         assert got.shape == (rows, n)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def _needs_vnni() -> None:
+    if "vnni" not in _isas():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+
+
+def test_vnni_products_are_within_the_activation_rounding_of_float64() -> None:
+    """Integer products, so the error is the activation's rounding to 28 bits of its row's largest value."""
+    _needs_vnni()
+    torch.manual_seed(0)
+    q, scales = quantize_rows_int8(torch.randn(300, 896) * 0.02)
+    packed, s = pack_rows(q), scales.float()
+    x = torch.randn(5, 896)
+    x[1, 7] = 60.0  # one outlier sets row 1's step
+    x[3] = 0.0
+    exact = x.double() @ (q.double() * s.double()[:, None]).T
+    step = x.abs().amax(dim=1, keepdim=True).double() / (2**27 - 1)
+    bound = 0.5 * step * (q.double().abs().sum(dim=1) * s.double())[None] + 2**-24 * exact.abs() + 1e-30
+    for isa in ("vnni", "avx512"):
+        got = _op(x, packed, s, isa).double()
+        assert (got - exact).abs().le(bound if isa == "vnni" else 64 * bound).all(), isa
+    assert torch.equal(_op(x, packed, s, "vnni")[3], torch.zeros(300))  # an all-zero row is exactly zero
+
+
+def test_vnni_rows_with_inf_or_nan_propagate_them_like_the_fp32_path() -> None:
+    _needs_vnni()
+    q, scales = quantize_rows_int8(torch.randn(24, 64))
+    packed, s = pack_rows(q), scales.float()
+    x = torch.randn(4, 64)
+    x[1, 3], x[2, 5] = float("inf"), float("nan")
+    got, fp32 = _op(x, packed, s, "vnni"), _op(x, packed, s, "avx512")
+    assert torch.equal(got[1:3].isnan(), fp32[1:3].isnan()) and torch.equal(got[1:3].isinf(), fp32[1:3].isinf())
+    assert got[2].isnan().all() and got[[0, 3]].isfinite().all()
+    torch.testing.assert_close(got[[0, 3]], fp32[[0, 3]], rtol=1e-5, atol=1e-5)
 
 
 def test_packing_round_trips_and_pads_the_last_group_with_zeros() -> None:
@@ -140,16 +176,22 @@ from fastvlm import native
 from fastvlm.linears import Int8WeightOnlyLinear
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    assert native.int8_kernel() is None and native.int8_kernel() is None
+    assert native.int8_kernel() is None and native.int8_kernel() is None and native.decode_layers_kernel() is None
 print("warnings:", len(caught), caught[0].message if caught else "")
 layer = Int8WeightOnlyLinear.from_weight(torch.randn(16, 32), pack=True)
 print("output:", layer(torch.randn(1, 32)).shape)  # a packed layer without the kernel: ATen on the unpacked weight
 """
     result = _run_python(code, CXX="/bin/false", **{native.CACHE_ENV: str(tmp_path)})
     assert result.returncode == 0, result.stderr
-    assert "warnings: 1 fastvlm's int8 CPU kernel could not be built" in result.stdout
+    assert "warnings: 1 fastvlm's CPU kernels could not be built" in result.stdout
     assert "output: torch.Size([1, 16])" in result.stdout
     assert not list(tmp_path.rglob("*.so"))
+
+
+def _forget_loaded() -> None:
+    """Make the next accessor call look again (the environment changed)."""
+    for accessor in (native._library, native.int8_kernel, native.decode_layers_kernel):
+        accessor.cache_clear()
 
 
 def test_a_second_process_loads_the_built_kernel_without_compiling() -> None:
@@ -162,13 +204,13 @@ def test_a_second_process_loads_the_built_kernel_without_compiling() -> None:
 
 def test_fastvlm_kernel_on_request_is_refused_with_the_reason_when_it_cannot_run(monkeypatch) -> None:
     monkeypatch.setenv(native.DISABLE_ENV, "0")
-    native.int8_kernel.cache_clear()
+    _forget_loaded()
     try:
         with pytest.raises(ConfigError, match="use kernel='aten'"):
             quantize_decoder(FastVLM.from_pretrained(fixture_path("apple_fastvlm_tiny")), "int8", kernel="fastvlm")
     finally:
         monkeypatch.delenv(native.DISABLE_ENV)
-        native.int8_kernel.cache_clear()
+        _forget_loaded()
     assert native.int8_kernel() is not None  # loads again once allowed
 
 
@@ -185,7 +227,7 @@ def test_a_lock_left_by_a_killed_build_does_not_block_the_next(tmp_path: Path) -
     folder = tmp_path / "kernels"
     code = "from fastvlm import native; print(native.int8_kernel_isa())"
     first = _run_python(code, **{native.CACHE_ENV: str(folder)})  # builds into the empty folder
-    assert first.returncode == 0 and first.stdout.strip() in ("avx512", "avx2"), first.stderr
+    assert first.returncode == 0 and first.stdout.strip() in ("vnni", "avx512", "avx2"), first.stderr
     (build,) = folder.iterdir()
     for library in build.glob("*.so"):
         library.unlink()  # as if the build had been killed: no library, and its lock left behind

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -289,3 +290,11 @@ def test_apply_precision_converts_each_stage_as_chosen(tmp_path):
 def test_from_pretrained_rejects_auto_with_conflicting_options(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         FastVLM.from_pretrained(fixture_path(FIXTURES[0]), **kwargs)
+
+
+def test_int8_is_a_candidate_on_cpu_without_torchao_and_elsewhere_only_with_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if torchao were not installed
+    on_cpu = {(c.stage, c.name) for c in default_candidates("cpu")}
+    on_gpu = {(c.stage, c.name) for c in default_candidates("meta")}  # any device that is not the CPU
+    assert {("decoder", "int8"), ("decoder", "bf16+int8")} <= on_cpu
+    assert on_gpu == {("encoder", "bf16"), ("decoder", "bf16")}

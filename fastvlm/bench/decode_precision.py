@@ -4,7 +4,9 @@ Decode at batch 1 is memory-bound: a step reads every decoder weight once, so to
 should follow the bytes per step. Each variant is the same random FastVLM-sized model
 (``fastvlm_config(llm)``, seed 0), built afresh: fp32; bf16 as ``model.to(bf16)`` gives it;
 fp32 and bf16 with their steps through transformers' forward and ``DynamicCache`` instead of
-:mod:`fastvlm.decoding`'s preallocated buffers (``model.lean_decode = False``);
+:mod:`fastvlm.decoding`'s preallocated buffers (``model.lean_decode = False``), and with the
+layers of each step run one by one from Python instead of in one compiled call
+(``python layers``: ``model.native_decode = False``; int8-head too);
 bf16 with its one-row steps through ``F.linear`` (:func:`~fastvlm.quantization.use_gemv_decode`
 turned off) and through ``torch.mv``, the default; int8, with and without the int8 copy of
 the tied head (``int8-head``), on the default kernel (ours, :mod:`fastvlm.native`, where it
@@ -47,17 +49,21 @@ class Variant:
     kernel: str = "auto"
     gemv: bool = True  # one-row bf16 steps through torch.mv, as every FastVLM decodes (False: F.linear)
     lean: bool = True  # steps over preallocated KV buffers, as generate takes them (False: transformers' forward)
+    native: bool = True  # all layers of a step in one compiled call, as generate takes them (False: a Python loop)
 
 
 VARIANTS = (
     Variant("fp32", torch.float32),
+    Variant("fp32 python layers", torch.float32, native=False),
     Variant("fp32 transformers step", torch.float32, lean=False),
     Variant("bf16 F.linear", torch.bfloat16, gemv=False),
     Variant("bf16", torch.bfloat16),
+    Variant("bf16 python layers", torch.bfloat16, native=False),
     Variant("bf16 transformers step", torch.bfloat16, lean=False),
     Variant("int8", torch.float32, "int8"),
     Variant("int8 aten", torch.float32, "int8", "aten"),
     Variant("int8-head", torch.float32, "int8-head"),
+    Variant("int8-head python layers", torch.float32, "int8-head", native=False),
     Variant("int8-head aten", torch.float32, "int8-head", "aten"),
     Variant("int8-head bf16", torch.bfloat16, "int8-head"),
     Variant("int8 torchao", torch.float32, "int8", "torchao"),
@@ -89,6 +95,7 @@ def build_variant(variant: Variant, llm: str, build: Callable[..., FastVLM] = Fa
     if not variant.gemv:
         use_gemv_decode(model, enabled=False)
     model.lean_decode = variant.lean
+    model.native_decode = variant.native
     return model
 
 
@@ -140,7 +147,8 @@ def run_decode_precision(
     build: Callable[..., FastVLM] = FastVLM.from_config,
 ) -> list[DecodeRow]:
     """One row per variant, the first being the fp32 reference the ratios and agreements are against."""
-    if variants[0].dtype != torch.float32 or variants[0].quantization is not None or not variants[0].lean:
+    first = variants[0]
+    if first.dtype != torch.float32 or first.quantization is not None or not (first.lean and first.native):
         raise ValueError(f"the first variant is the reference and must be plain fp32, not {variants[0]}")
     models = {}
     for v in variants:

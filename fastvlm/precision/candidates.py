@@ -48,7 +48,7 @@ def cast_decoder(model: FastVLM, dtype: torch.dtype) -> None:
 
 
 def quantize_int8(model: FastVLM) -> None:
-    """torchao int8 weight-only decoder (activations stay in the decoder's dtype)."""
+    """int8 weight-only decoder (``quantize_decoder``: our int8 layers on CPU, torchao's elsewhere)."""
     from fastvlm.quantization import quantize_decoder
 
     quantize_decoder(model, "int8")
@@ -60,16 +60,18 @@ def bf16_int8(model: FastVLM) -> None:
     quantize_int8(model)
 
 
-def default_candidates() -> list[Candidate]:
-    """The lower precisions tried besides fp32; the int8 ones only where torchao is installed."""
+def default_candidates(device: torch.device | str = "cpu") -> list[Candidate]:
+    """The lower precisions tried besides fp32 on ``device``; the int8 ones on CPU (our own int8
+    layers, no extra package) and elsewhere where torchao is installed."""
     candidates = [
         Candidate("encoder", "bf16", lambda m: cast_encoder(m, torch.bfloat16)),
         Candidate("decoder", "bf16", lambda m: cast_decoder(m, torch.bfloat16)),
     ]
-    try:
-        import torchao  # noqa: F401
-    except ImportError:
-        return candidates
+    if torch.device(device).type != "cpu":
+        try:
+            import torchao  # noqa: F401
+        except ImportError:
+            return candidates
     return [*candidates, Candidate("decoder", "int8", quantize_int8), Candidate("decoder", "bf16+int8", bf16_int8)]
 
 

@@ -207,7 +207,7 @@ def tune_precision(
     machine's key (:func:`~fastvlm.precision.cache.machine_key`) and ``timer`` the timing
     function: tests use both. ``model`` is left as it is; :func:`apply_precision` converts it.
     """
-    candidates = default_candidates() if candidates is None else list(candidates)
+    candidates = default_candidates(model.device) if candidates is None else list(candidates)
     for c in candidates:
         if c.stage not in STAGES or c.name == REFERENCE:
             raise ConfigError(f"candidate {c.stage}/{c.name}: the stage must be one of {STAGES}, the name not fp32")
@@ -250,7 +250,7 @@ def tune_precision(
 
 def apply_precision(model: FastVLM, choice: PrecisionChoice, candidates: Sequence[Candidate] | None = None) -> FastVLM:
     """Convert ``model`` in place to ``choice``'s precision per stage; sets ``model.precision``."""
-    candidates = default_candidates() if candidates is None else list(candidates)
+    candidates = default_candidates(model.device) if candidates is None else list(candidates)
     by_name = {(c.stage, c.name): c for c in candidates}
     for stage in STAGES:
         name = getattr(choice, stage)

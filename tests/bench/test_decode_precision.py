@@ -49,6 +49,8 @@ def test_each_variant_is_built_as_named(tiny: None) -> None:
 
 
 def test_the_reference_must_be_plain_fp32(tiny: None) -> None:
-    for variants in (decode_precision.VARIANTS[2:], decode_precision.VARIANTS[1:]):  # bf16 first; fp32 unbuffered
+    by_name = {v.name: v for v in decode_precision.VARIANTS}
+    firsts = ("bf16", "fp32 python layers", "fp32 transformers step")
+    for variants in [(by_name[name], by_name["fp32"]) for name in firsts]:
         with pytest.raises(ValueError, match="reference"):
             decode_precision.run_decode_precision(variants=variants, visual_tokens=2, text_tokens=2, steps=2, rounds=1)

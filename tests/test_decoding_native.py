@@ -1,0 +1,166 @@
+"""Every layer of a decode step in one compiled call (``fastvlm.decoding.NativeLayers``) against the Python loop.
+
+The op makes the same ATen calls in the same order as :class:`CachedDecoder`'s loop, so the
+comparisons here are ``torch.equal``, not a tolerance: logits and the key/value buffers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from fastvlm import native
+from fastvlm.decoding import CachedDecoder, DecodeSteps, NativeLayers, prefill
+from fastvlm.generation import generate_tokens
+from fastvlm.model import FastVLM
+from fastvlm.quantization import quantization_kernel, quantize_decoder
+from tests.conftest import fixture_path
+
+pytestmark = pytest.mark.skipif(native.decode_layers_kernel() is None, reason="fastvlm's CPU kernels did not build")
+
+
+@pytest.fixture(scope="module")
+def model() -> FastVLM:
+    return FastVLM.from_pretrained(fixture_path("apple_fastvlm_tiny"))
+
+
+def _variant(model: FastVLM, name: str) -> FastVLM:
+    """fp32, bf16 (its one-row steps through torch.mv), or int8 / int8-head on our kernel, in fp32 or bf16."""
+    dtype = torch.bfloat16 if name.startswith("bf16") else torch.float32
+    converted = copy.deepcopy(model).to(dtype)
+    quantization = name.removeprefix("bf16").removeprefix("fp32").strip("+") or None
+    if quantization is not None:
+        quantize_decoder(converted, quantization, kernel="fastvlm")
+        assert quantization_kernel(converted) == "fastvlm"
+    return converted
+
+
+def _steps(model: FastVLM, native_layers: bool, steps: int = 5) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Logits of ``steps`` teacher-forced steps of a left-padded batch of 2, and the key buffers after them."""
+    vocab = model.config.text.vocab_size
+    ids = torch.randint(10, vocab - 10, (2, 11), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.inference_mode():
+        inputs = model.prepare_inputs(ids, mask, padding_side="left")
+        cache, logits = prefill(model, inputs)
+        decoder = CachedDecoder.after_prefill(
+            model.language_model, cache, ids.shape[1] + steps, native_layers=native_layers
+        )
+        assert (decoder.native is not None) == native_layers
+        tokens = logits.argmax(-1, keepdim=True)
+        attention, position = inputs.attention_mask, inputs.position_ids[:, -1:] + 1
+        out = []
+        for step in range(steps):
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
+            out.append(decoder.step(tokens, attention, position))
+            tokens = torch.randint(10, vocab - 10, (2, 1), generator=torch.Generator().manual_seed(step))
+            position = position + 1
+    return out, [k.clone() for k in decoder.buffers.keys]
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "int8", "int8-head", "bf16+int8"])
+def test_one_call_gives_the_python_loops_logits_and_cache_bit_for_bit(model: FastVLM, name: str) -> None:
+    converted = _variant(model, name)
+    assert NativeLayers.unsupported_reason(converted.language_model) is None
+    loop_logits, loop_keys = _steps(converted, native_layers=False)
+    one_logits, one_keys = _steps(converted, native_layers=True)
+    assert all(torch.equal(a, b) for a, b in zip(loop_logits, one_logits, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(loop_keys, one_keys, strict=True))
+
+
+def test_generate_takes_it_and_gives_the_reference_greedy_tokens(model: FastVLM, monkeypatch) -> None:
+    golden = json.loads(fixture_path("apple_fastvlm_tiny", "golden.json").read_text())
+    calls = []
+    original = NativeLayers.__call__
+
+    def recording(self, *args):
+        calls.append(args[0].shape[0])
+        return original(self, *args)
+
+    monkeypatch.setattr(NativeLayers, "__call__", recording)
+    image = fixture_path("apple_fastvlm_tiny", "image.png")
+    result = model.generate(image=image, prompt=golden["prompt"], max_new_tokens=len(golden["greedy_token_ids"]))
+    assert result.token_ids == golden["greedy_token_ids"]
+    assert calls == [1] * (len(golden["greedy_token_ids"]) - 1)  # every step after the prefill's token
+    model.native_decode = False
+    try:
+        calls.clear()
+        assert model.generate(image=image, prompt=golden["prompt"], max_new_tokens=4).token_ids == result.token_ids[:4]
+        assert calls == []
+    finally:
+        model.native_decode = True
+
+
+def test_a_batch_decodes_the_same_tokens_either_way(model: FastVLM) -> None:
+    ids = torch.randint(10, model.config.text.vocab_size - 10, (3, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[2, :6] = 0
+    runs = {}
+    for flag in (True, False):
+        model.native_decode = flag
+        runs[flag] = [t.tolist() for t, _ in generate_tokens(model, ids, mask, max_new_tokens=8)]
+    model.native_decode = True
+    assert runs[True] == runs[False]
+
+
+def test_layers_it_cannot_mirror_keep_the_python_loop(model: FastVLM) -> None:
+    aten = quantize_decoder(copy.deepcopy(model), "int8", kernel="aten")  # unpacked int8: ATen's kernel
+    reason = NativeLayers.unsupported_reason(aten.language_model)
+    assert reason is not None and "q_proj is a Int8WeightOnlyLinear" in reason
+    hooked = copy.deepcopy(model)
+    hooked.language_model.model.layers[1].mlp.register_forward_hook(lambda m, i, o: o * 2)
+    assert NativeLayers.unsupported_reason(hooked.language_model) == "layer 1 has forward hooks"
+    with torch.inference_mode():
+        cache, _ = prefill(hooked, hooked.prepare_inputs(torch.tensor([[5, 6, 7]])))
+        assert DecodeSteps(hooked, cache, capacity=5).decoder.native is None  # the hook still runs
+    gelu = copy.deepcopy(model)
+    gelu.language_model.config.hidden_act = "gelu"
+    assert NativeLayers.unsupported_reason(gelu.language_model) == "the MLP activation is 'gelu', not silu"
+
+
+def test_without_the_library_the_loop_runs(model: FastVLM, monkeypatch) -> None:
+    monkeypatch.setattr(native, "decode_layers_kernel", lambda: None)
+    assert "not built" in (NativeLayers.unsupported_reason(model.language_model) or "")
+    assert NativeLayers.build(model.language_model) is None
+    golden = json.loads(fixture_path("apple_fastvlm_tiny", "golden.json").read_text())
+    image = fixture_path("apple_fastvlm_tiny", "image.png")
+    assert (
+        model.generate(image=image, prompt=golden["prompt"], max_new_tokens=3).token_ids
+        == golden["greedy_token_ids"][:3]
+    )
+
+
+def test_steps_with_gradients_or_too_many_int8_rows_take_the_loop(model: FastVLM) -> None:
+    layers = NativeLayers.build(model.language_model)
+    int8_layers = NativeLayers.build(_variant(model, "int8").language_model)
+    assert layers is not None and int8_layers is not None
+    hidden = torch.zeros(257, 1, model.config.text.hidden_size)
+    with torch.inference_mode():
+        assert layers.takes(hidden) and not int8_layers.takes(hidden)  # the int8 layers dequantize above 256 rows
+        assert int8_layers.takes(hidden[:256])
+    with torch.enable_grad():
+        assert not layers.takes(hidden[:1])
+
+
+def test_the_op_names_inputs_that_do_not_fit(model: FastVLM) -> None:
+    layers = NativeLayers.build(model.language_model)
+    assert layers is not None
+    text = model.config.text
+    kv_heads, head_dim = layers.kv_heads, layers.head_dim
+    hidden = torch.zeros(1, 1, text.hidden_size)
+    cos = sin = torch.ones(1, 1, head_dim)
+    count = text.num_hidden_layers
+    full = [torch.zeros(1, kv_heads, 4, head_dim) for _ in range(count)]
+    call = layers.kernel
+    args = (layers.kinds, layers.eps, layers.heads, kv_heads, head_dim, layers.scaling)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="no room for position 4"):
+            call(hidden, cos, sin, None, full, full, 4, layers.tensors, *args)
+        with pytest.raises(RuntimeError, match=f"expected {23 * count} tensors for {count} layers, got 3"):
+            call(hidden, cos, sin, None, full, full, 1, layers.tensors[:3], *args)
+        with pytest.raises(RuntimeError, match="hidden must be \\[B, 1, H\\]"):
+            call(hidden[0], cos, sin, None, full, full, 1, layers.tensors, *args)
