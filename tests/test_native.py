@@ -238,3 +238,16 @@ def test_a_lock_left_by_a_killed_build_does_not_block_the_next(tmp_path: Path) -
     again = _run_python(code, **{native.CACHE_ENV: str(folder)})
     assert again.returncode == 0 and again.stdout.strip() == first.stdout.strip(), again.stderr
     assert "compiling" in again.stderr and not lock.exists()
+
+
+def test_every_kernel_source_ships_with_the_package() -> None:
+    """An installed (not editable) fastvlm must carry what native.py compiles: pyproject's package-data."""
+    import fnmatch
+    import tomllib
+
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["fastvlm"]
+    package = REPO / "fastvlm"
+    needed = {path.relative_to(package).as_posix() for path in (*native.SOURCES, *native.HEADERS)}
+    present = {path.relative_to(package).as_posix() for path in (package / "csrc").iterdir()}
+    assert needed <= present
+    assert all(any(fnmatch.fnmatch(name, glob) for glob in globs) for name in present), (present, globs)
