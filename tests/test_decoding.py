@@ -94,13 +94,16 @@ def test_generate_takes_the_buffered_path_and_gives_the_reference_greedy_tokens(
     assert paths == ["fastvlm", "transformers"]
 
 
-def test_a_left_padded_batch_decodes_as_transformers_does(model):
+@pytest.mark.parametrize("switch", ["lean_decode", "native_decode"])  # off: transformers' forward; the Python loop
+def test_a_left_padded_batch_decodes_the_same_on_either_step_path(model, switch):
     ids, mask = _padded_prompts(model)
     runs = {}
-    for lean in (True, False):
-        model.lean_decode = lean
-        runs[lean] = [t.tolist() for t, _ in generate_tokens(model, ids, mask, max_new_tokens=10)]
-    model.lean_decode = True
+    try:
+        for flag in (True, False):
+            setattr(model, switch, flag)
+            runs[flag] = [t.tolist() for t, _ in generate_tokens(model, ids, mask, max_new_tokens=10)]
+    finally:
+        setattr(model, switch, True)
     assert runs[True] == runs[False]
 
 

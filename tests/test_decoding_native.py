@@ -14,7 +14,6 @@ import torch
 
 from fastvlm import native
 from fastvlm.decoding import CachedDecoder, DecodeSteps, NativeLayers, prefill
-from fastvlm.generation import generate_tokens
 from fastvlm.model import FastVLM
 from fastvlm.quantization import quantization_kernel, quantize_decoder
 from tests.conftest import fixture_path
@@ -93,18 +92,6 @@ def test_generate_takes_it_and_gives_the_reference_greedy_tokens(model: FastVLM,
         assert calls == []
     finally:
         model.native_decode = True
-
-
-def test_a_batch_decodes_the_same_tokens_either_way(model: FastVLM) -> None:
-    ids = torch.randint(10, model.config.text.vocab_size - 10, (3, 9), generator=torch.Generator().manual_seed(4))
-    mask = torch.ones_like(ids)
-    mask[2, :6] = 0
-    runs = {}
-    for flag in (True, False):
-        model.native_decode = flag
-        runs[flag] = [t.tolist() for t, _ in generate_tokens(model, ids, mask, max_new_tokens=8)]
-    model.native_decode = True
-    assert runs[True] == runs[False]
 
 
 def test_layers_it_cannot_mirror_keep_the_python_loop(model: FastVLM) -> None:

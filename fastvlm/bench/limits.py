@@ -26,6 +26,9 @@ side by side and reports the ratio, which carries over between machines:
   long as the largest resolution's. It is Python, dispatch and small ops, and it does not
   shrink with the weights' bytes, so the report also gives the tokens/s bound of bytes at
   the bandwidth plus this floor: what lower precisions can reach without a leaner step.
+- **Quantized decode.** On the CPU, the same decode steps (and floor) with the fp32 model's
+  decoder quantized (``quantizations``, default ``int8-head``: :mod:`fastvlm.quantization`),
+  their bytes counted as stored (int8 weights and their scales), against the read bandwidth.
 
 ``rounds`` repeats the whole set (ceilings included) one round after another, so a
 shared or throttling machine drifts over ceilings and stages alike; every fraction is
@@ -75,6 +78,8 @@ from fastvlm.dtypes import DTYPES
 from fastvlm.measure import count_flops, machine_description
 from fastvlm.model import FastVLM
 from fastvlm.presets import resize_text_config
+from fastvlm.quantization import decode_step_bytes as quantized_step_bytes
+from fastvlm.quantization import quantize_decoder
 
 if TYPE_CHECKING:
     from fastvlm.config import FastVLMConfig
@@ -91,6 +96,7 @@ class LimitSettings:
     llm: str = "0.5b"  # a released decoder size, or "tiny" (the smoke model)
     devices: tuple[str, ...] = ("cpu",)
     dtypes: tuple[str, ...] = ("fp32", "bf16")  # names in fastvlm.dtypes.DTYPES
+    quantizations: tuple[str, ...] = ("int8-head",)  # decode also timed with the decoder quantized (CPU only)
     resolutions: tuple[int, ...] = (256, 512, 1024)
     rounds: int = 3
     text_tokens: int = 32  # around the image marker: a template plus a short question
@@ -261,6 +267,15 @@ class _Round:
             self.record(FLOOR, dtype, Timed(1, ms))
             tick(f"decode floor {dtype}")
 
+    def measure_quantized_decode(self, model: FastVLM, name: str, resolution: int, tick: Callable[[str], None]) -> None:
+        """Decode steps of ``model`` (its decoder quantized as ``name``) after a prompt of ``resolution`` px,
+        against the bytes its weights (as stored) and fp32 KV cache take per step."""
+        inputs = prompt_inputs(model, resolution, text_tokens=self.settings.text_tokens, batch=1)
+        ms, kv = self.time_decode(model, inputs, *prefill(model, inputs))
+        step_bytes = quantized_step_bytes(model) + kv_bytes_per_row(model.config.text, torch.float32, kv)
+        self.record("decode", name, Timed(step_bytes, ms), resolution, kv)
+        tick(f"{name} {resolution} px decode")
+
     def measure_stages(self, model: FastVLM, dtype: str, resolution: int, tick: Callable[[str], None]) -> None:
         """Encoder, prefill and decode of ``model`` (weights in ``dtype``) on one image of ``resolution`` px."""
         config = model.config
@@ -333,6 +348,15 @@ def build_floor_model(llm: str, resolution: int, device: str, dtype: str) -> Fas
     return model
 
 
+def build_quantized(llm: str, resolution: int, device: str, name: str, *, floor: bool = False) -> FastVLM:
+    """The fp32 random model of ``llm`` (or its :func:`floor_config` version) with its decoder quantized as ``name``."""
+    if floor:
+        model = build_floor_model(llm, resolution, device, "fp32")
+    else:
+        model = build_fastvlm(llm, resolution, device=torch.device(device), dtype=torch.float32)
+    return quantize_decoder(model, name)
+
+
 def run_limits(settings: LimitSettings, *, progress: bool = True) -> LimitsReport:
     """Every ceiling and stage of ``settings``, ``settings.rounds`` times over, summarised."""
     report = LimitsReport(meta=run_description(), settings=asdict(settings))
@@ -347,8 +371,16 @@ def run_limits(settings: LimitSettings, *, progress: bool = True) -> LimitsRepor
         device: {d: build_floor_model(settings.llm, max(settings.resolutions), device, d) for d in settings.dtypes}
         for device in settings.devices
     }
+    largest = max(settings.resolutions)
+    quantized: dict[str, dict[str, FastVLM]] = {"cpu": {}} if "cpu" in settings.devices else {}
+    for name in settings.quantizations if quantized else ():
+        quantized["cpu"][name] = build_quantized(settings.llm, settings.resolutions[0], "cpu", name)
+        floor_models["cpu"][name] = build_quantized(settings.llm, largest, "cpu", name, floor=True)
     per_round = 2 * len(settings.dtypes) + 1 + len(STAGES) * len(settings.dtypes) * len(settings.resolutions)
-    total = settings.rounds * len(settings.devices) * per_round
+    per_quantization = 1 + len(settings.resolutions)  # its floor, then decode at each resolution
+    total = settings.rounds * (
+        len(settings.devices) * per_round + sum(len(q) for q in quantized.values()) * per_quantization
+    )
     counts: dict[tuple[str, int], int] = {}
     with torch.inference_mode(), tqdm(total=total, desc="limits", unit="measurement", disable=not progress) as bar:
         for index in range(settings.rounds):
@@ -364,6 +396,9 @@ def run_limits(settings: LimitSettings, *, progress: bool = True) -> LimitsRepor
                 for dtype in settings.dtypes:
                     for resolution in settings.resolutions:
                         one.measure_stages(models[(device, dtype)], dtype, resolution, tick)
+                for name, model in quantized.get(device, {}).items():
+                    for resolution in settings.resolutions:
+                        one.measure_quantized_decode(model, name, resolution, tick)
     report.ceilings, report.rows = summarize(report.samples)
     return report
 

@@ -377,6 +377,12 @@ def _register_limits(subparsers: Subparsers) -> None:
     add_llm_size(p)
     add_bench_devices(p)
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default: fp32 bf16")
+    p.add_argument(
+        "--quantizations",
+        nargs="*",
+        choices=["int8", "int8-head"],
+        help="decode also timed with the fp32 decoder quantized, on the CPU (default: int8-head; none: leave out)",
+    )
     _add_resolutions(p, help="input sides in px (default 256 512 1024)")
     p.add_argument("--rounds", type=int, help="repeats of the whole set, ceilings included (default 3)")
     p.add_argument("--repeats", type=int, help="timed calls per ceiling, encoder and prefill (default 3)")
@@ -409,6 +415,7 @@ def cmd_bench_limits(args: argparse.Namespace) -> None:
     settings = base.with_changes(
         devices=tuple(bench_devices(args.device)),
         dtypes=tuple(dict.fromkeys(args.dtypes)) if args.dtypes else None,
+        quantizations=tuple(dict.fromkeys(args.quantizations)) if args.quantizations is not None else None,
         resolutions=tuple(dict.fromkeys(args.resolutions)) if args.resolutions else None,
         rounds=args.rounds,
         repeats=args.repeats,

@@ -130,7 +130,7 @@ def test_the_summary_gives_the_median_fraction_and_its_range_over_rounds():
 
 
 def test_every_fraction_is_the_achieved_rate_over_its_rounds_ceiling():
-    settings = LimitSettings.smoke(dtypes=("fp32",), rounds=2)
+    settings = LimitSettings.smoke(dtypes=("fp32",), rounds=2, quantizations=())
     report = run_limits(settings, progress=False)
     ceilings = {(s.round, s.stage, s.dtype): s.per_s for s in report.samples if s.resolution is None}
     assert sorted(ceilings) == [(r, kind, "fp32") for r in (0, 1) for kind in ("floor", "matmul", "read")]
@@ -157,11 +157,13 @@ def test_the_smoke_command_writes_the_table_and_the_json(tmp_path, capsys):
     assert saved["meta"]["torch"] == torch.__version__ and saved["meta"]["cpu_threads"] == torch.get_num_threads()
     assert saved["settings"]["llm"] == "tiny" and saved["settings"]["rounds"] == 2
     ceilings = [(c["kind"], c["dtype"]) for c in saved["ceilings"]]
-    assert ceilings == [("matmul", "fp32"), ("matmul", "bf16"), ("read", "fp32"), ("floor", "fp32"), ("floor", "bf16")]
-    assert len(saved["samples"]) == 2 * (5 + 2 * 3)
+    floors = [("floor", "fp32"), ("floor", "bf16"), ("floor", "int8-head")]  # int8-head: the default quantization
+    assert ceilings == [("matmul", "fp32"), ("matmul", "bf16"), ("read", "fp32"), *floors]
+    assert len(saved["samples"]) == 2 * (6 + 2 * 3 + 1)  # ceilings and floors, 3 stages per dtype, int8-head decode
 
     rows = {(r["stage"], r["dtype"]): r for r in saved["rows"]}
-    assert sorted(rows) == sorted((st, dt) for st in ("encoder", "prefill", "decode") for dt in ("fp32", "bf16"))
+    stages = [(st, dt) for st in ("encoder", "prefill", "decode") for dt in ("fp32", "bf16")]
+    assert sorted(rows) == sorted([*stages, ("decode", "int8-head")])
     config = model_config("tiny", 128)
     prompt = 8 + config.num_image_tokens(128)  # the smoke prompt's text tokens + the visual tokens
     assert rows[("encoder", "fp32")]["work"] == encoder_flops(config, 128)
@@ -204,3 +206,31 @@ def test_bad_arguments_fail_before_anything_is_built(flags, message, tmp_path, c
     assert main(["bench-limits", "--smoke", "--out", str(out), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_quantized_decode_is_held_against_the_read_rate_with_its_stored_bytes():
+    from fastvlm.bench.gpu_common import kv_bytes_per_row
+    from fastvlm.bench.limits import build_quantized
+    from fastvlm.quantization import decode_step_bytes
+
+    settings = LimitSettings.smoke(dtypes=("fp32",), rounds=1)
+    assert settings.quantizations == ("int8-head",)
+    report = run_limits(settings, progress=False)
+    by_kind = {(s.stage, s.dtype): s for s in report.samples}
+    decode, fp32 = by_kind[("decode", "int8-head")], by_kind[("decode", "fp32")]
+    model = build_quantized(settings.llm, settings.resolutions[0], "cpu", "int8-head")
+    assert model.quantization == "int8-head"
+    assert decode.work == decode_step_bytes(model) + kv_bytes_per_row(model.config.text, torch.float32, decode.tokens)
+    assert decode.work < fp32.work / 2  # int8 weights (and the head's copy) against fp32 ones
+    assert decode.limit_per_s == by_kind[("read", "fp32")].per_s
+    assert decode.floor_ms == pytest.approx(1e3 / by_kind[("floor", "int8-head")].per_s)
+    assert ("decode", 128, "int8-head") in {(r.stage, r.resolution, r.dtype) for r in report.rows}
+
+
+def test_no_quantizations_leaves_the_quantized_rows_out(tmp_path):
+    out = tmp_path / "limits"
+    args = ["bench-limits", "--smoke", "--dtypes", "fp32", "--rounds", "1", "--quantizations", "--out", str(out)]
+    assert main(args) == 0
+    saved = json.loads((out / REPORT_JSON).read_text())
+    assert saved["settings"]["quantizations"] == []
+    assert {s["dtype"] for s in saved["samples"]} == {"fp32"}
