@@ -151,3 +151,8 @@ def test_the_op_names_inputs_that_do_not_fit(model: FastVLM) -> None:
             call(hidden, cos, sin, None, full, full, 1, layers.tensors[:3], *args)
         with pytest.raises(RuntimeError, match="hidden must be \\[B, 1, H\\]"):
             call(hidden[0], cos, sin, None, full, full, 1, layers.tensors, *args)
+        kinds = [7, *layers.kinds[1:]]
+        with pytest.raises(RuntimeError, match="layer 0 linear 0 has kind 7"):
+            call(hidden, cos, sin, None, full, full, 1, layers.tensors, kinds, *args[1:])
+        with pytest.raises(RuntimeError, match="layer 0 lacks tensor 3"):  # k_proj's weight
+            call(hidden, cos, sin, None, full, full, 1, [*layers.tensors[:3], None, *layers.tensors[4:]], *args)

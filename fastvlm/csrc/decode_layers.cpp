@@ -58,9 +58,14 @@ class Layers {
   // One linear layer's forward on x, as the module of that kind computes it.
   at::Tensor linear(int64_t layer, Slot slot, const at::Tensor& x) const {
     const int64_t base = layer * kTensorsPerLayer + slot * kTensorsPerLinear;
-    const at::Tensor weight = *tensors_.get(base);
+    const int64_t kind = kinds_[layer * kLinearsPerLayer + slot];
+    const at::Tensor weight = tensor(layer, slot * kTensorsPerLinear);
     const std::optional<at::Tensor> scales = tensors_.get(base + 1), bias = tensors_.get(base + 2);
-    switch (kinds_[layer * kLinearsPerLayer + slot]) {
+    TORCH_CHECK(kind == kLinear || kind == kMv || kind == kInt8, "decode_layers: layer ", layer, " linear ", slot,
+                " has kind ", kind, "; expected 0 (F.linear), 1 (torch.mv) or 2 (int8)");
+    TORCH_CHECK(kind != kInt8 || scales.has_value(), "decode_layers: layer ", layer, " linear ", slot,
+                " is int8 but has no scales");
+    switch (kind) {
       case kMv:
         if (x.numel() == x.size(-1) && x.scalar_type() == weight.scalar_type()) {
           at::Tensor out = at::mv(weight, x.reshape({-1}));
