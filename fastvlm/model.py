@@ -150,7 +150,7 @@ class FastVLM(nn.Module):
         return next(p for p in self.vision_tower.parameters()).dtype
 
     def stage_precision(self) -> dict[str, str]:
-        """Each stage's form, named as ``dtype="auto"`` names its candidates (fp32, bf16, int8, bf16+int8).
+        """Each stage's form, named as ``dtype="auto"`` names its candidates (fp32, bf16, int8, int8-head, bf16+int8).
 
         The server lists it on ``/v1/models``, so a client can see what ``--dtype auto`` chose.
         """

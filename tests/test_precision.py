@@ -45,8 +45,9 @@ GOLDEN = json.loads(fixture_path("apple_fastvlm_tiny", "golden.json").read_text(
 SLOW_WAIT_S = 0.25  # per forward of the forced-slow candidate; the tiny model's forward takes milliseconds
 
 # (encoder, decoder) paths whose greedy answer on the fixtures differs from fp32's: see the module docstring.
-NEAR_TIE_FLIPS = {("fp32", "int8"), ("fp32", "bf16+int8"), ("bf16", "int8"), ("bf16", "bf16+int8")}
-PATHS = [(e, d) for e in ("fp32", "bf16") for d in ("fp32", "bf16", "int8", "bf16+int8") if (e, d) != ("fp32", "fp32")]
+INT8_DECODERS = ("int8", "int8-head", "bf16+int8")
+NEAR_TIE_FLIPS = {(e, d) for e in ("fp32", "bf16") for d in INT8_DECODERS}
+PATHS = [(e, d) for e in ("fp32", "bf16") for d in ("fp32", "bf16", *INT8_DECODERS) if (e, d) != ("fp32", "fp32")]
 
 
 @pytest.fixture(scope="module", params=FIXTURES)
@@ -105,7 +106,7 @@ def test_every_precision_path_answers_like_fp32_on_the_fixtures(reference: FastV
     converted = _convert(reference, encoder, decoder)
     tower_dtype = next(converted.vision_tower.parameters()).dtype
     assert tower_dtype == (torch.bfloat16 if encoder == "bf16" else torch.float32)
-    assert converted.quantization == ("int8" if "int8" in decoder else None)
+    assert converted.quantization == (decoder.removeprefix("bf16+") if "int8" in decoder else None)
     assert _answer(converted) == want
 
 
@@ -257,7 +258,7 @@ def test_from_pretrained_auto_tunes_applies_and_caches_the_choice(monkeypatch, t
     assert all(r.admissible for r in choice.rows if r.chosen)
     tower_dtype = next(model.vision_tower.parameters()).dtype
     assert tower_dtype == (torch.bfloat16 if choice.encoder == "bf16" else torch.float32)
-    assert model.quantization == ("int8" if "int8" in choice.decoder else None)
+    assert model.quantization == (choice.decoder.removeprefix("bf16+") if "int8" in choice.decoder else None)
     answer = _answer(model)
     if (choice.encoder, choice.decoder) not in NEAR_TIE_FLIPS:
         assert answer == GOLDEN["greedy_token_ids"]  # fp32's answer
@@ -296,5 +297,5 @@ def test_int8_is_a_candidate_on_cpu_without_torchao_and_elsewhere_only_with_it(m
     monkeypatch.setitem(sys.modules, "torchao", None)  # as if torchao were not installed
     on_cpu = {(c.stage, c.name) for c in default_candidates("cpu")}
     on_gpu = {(c.stage, c.name) for c in default_candidates("meta")}  # any device that is not the CPU
-    assert {("decoder", "int8"), ("decoder", "bf16+int8")} <= on_cpu
+    assert {("decoder", "int8"), ("decoder", "int8-head"), ("decoder", "bf16+int8")} <= on_cpu
     assert on_gpu == {("encoder", "bf16"), ("decoder", "bf16")}

@@ -9,7 +9,8 @@ Stages and candidates (:mod:`~fastvlm.precision.candidates`):
 
 * ``encoder`` (vision tower + projector, run once per image): ``fp32`` | ``bf16``.
 * ``decoder`` (the Qwen2 decoder, whose weights serve both prefill and decode): ``fp32`` |
-  ``bf16`` | ``int8`` (weight-only: :func:`fastvlm.quantization.quantize_decoder`) | ``bf16+int8``. Prefill and
+  ``bf16`` | ``int8`` (weight-only: :func:`fastvlm.quantization.quantize_decoder`) | ``int8-head``
+  (int8 with an int8 copy of a tied head) | ``bf16+int8``. Prefill and
   decode share the weights, so one choice minimises ``prefill ms + 64 x decode ms/token``
   (``ANSWER_TOKENS``); both parts are measured and reported (:mod:`~fastvlm.precision.timing`).
 

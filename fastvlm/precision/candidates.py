@@ -54,6 +54,13 @@ def quantize_int8(model: FastVLM) -> None:
     quantize_decoder(model, "int8")
 
 
+def quantize_int8_head(model: FastVLM) -> None:
+    """int8 weight-only decoder with an int8 copy of a tied head, the largest read of a decode step."""
+    from fastvlm.quantization import quantize_decoder
+
+    quantize_decoder(model, "int8-head")
+
+
 def bf16_int8(model: FastVLM) -> None:
     """bf16 decoder, then int8 weights: bf16 activations with int8 weights."""
     cast_decoder(model, torch.bfloat16)
@@ -72,7 +79,12 @@ def default_candidates(device: torch.device | str = "cpu") -> list[Candidate]:
             import torchao  # noqa: F401
         except ImportError:
             return candidates
-    return [*candidates, Candidate("decoder", "int8", quantize_int8), Candidate("decoder", "bf16+int8", bf16_int8)]
+    return [
+        *candidates,
+        Candidate("decoder", "int8", quantize_int8),
+        Candidate("decoder", "int8-head", quantize_int8_head),
+        Candidate("decoder", "bf16+int8", bf16_int8),
+    ]
 
 
 def stage_copy(model: FastVLM, stages: Sequence[str]) -> FastVLM:
