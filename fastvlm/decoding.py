@@ -294,21 +294,39 @@ def _linear_entry(module: Any) -> tuple[int, list[torch.Tensor | None]] | None:
     return (MV if gemv else LINEAR), [module.weight, None, module.bias]
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+def _layer_reason(layer: Any) -> str | None:
+    """Why decode_layers would not compute ``layer`` as its own modules do (None: it would)."""
+    from transformers.activations import SiLUActivation
+    from transformers.models.qwen2 import modeling_qwen2 as qwen2
+
+    parts = (layer, layer.self_attn, layer.mlp, *_norms(layer))
+    expected = (qwen2.Qwen2DecoderLayer, qwen2.Qwen2Attention, qwen2.Qwen2MLP, qwen2.Qwen2RMSNorm, qwen2.Qwen2RMSNorm)
+    if any(type(part) is not kind for part, kind in zip(parts, expected, strict=True)):
+        return f"is built from {[type(part).__name__ for part in parts]}, not exactly transformers' Qwen2 modules"
+    if type(layer.mlp.act_fn) not in (SiLUActivation, nn.SiLU):
+        return f"has a {type(layer.mlp.act_fn).__name__} activation, not SiLU"
+    for module in layer.modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return "has forward hooks"
+        if "forward" in vars(module) or hasattr(module, "_hf_hook"):  # a forward replaced on the instance
+            return f"has a {type(module).__name__} whose forward is replaced"
+    for name, module in _linears(layer):
+        if _linear_entry(module) is None:
+            return f"has a {type(module).__name__} as {name}, which decode_layers does not run"
+    return None
 
 
 class NativeLayers:
     """Every decoder layer of a one-token step through ``fastvlm_native.decode_layers`` (module docstring)."""
 
     def __init__(self, lm: Qwen2ForCausalLM, kernel: Any, tensors: list[torch.Tensor | None], kinds: list[int]) -> None:
-        config, first = lm.config, cast(Any, lm.model.layers[0]).self_attn
+        config, layers = lm.config, cast(Any, lm.model.layers)
         self.kernel, self.tensors, self.kinds = kernel, tensors, kinds
-        self.eps = [float(norm.variance_epsilon) for layer in lm.model.layers for norm in _norms(layer)]
+        self.eps = [float(norm.variance_epsilon) for layer in layers for norm in _norms(layer)]
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads or self.heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
-        self.scaling = float(first.scaling)
+        self.scaling = [float(layer.self_attn.scaling) for layer in layers]  # each layer's own, as the loop reads it
         self.max_rows = PACKED_KERNEL_MAX_ROWS if INT8 in kinds else None  # more rows: Int8 layers dequantize
 
     @staticmethod
@@ -316,22 +334,16 @@ class NativeLayers:
         """Why decode_layers cannot run ``lm``'s layers exactly as the Python loop would (None: it can)."""
         if native.decode_layers_kernel() is None:
             return "fastvlm's CPU kernels are not built here (fastvlm.native)"
-        if lm.model.embed_tokens.weight.device.type != "cpu":
-            return "the decoder is not on the CPU"
-        if getattr(lm.config, "hidden_act", None) != "silu":
-            return f"the MLP activation is {getattr(lm.config, 'hidden_act', None)!r}, not silu"
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return "global module hooks are registered"
-        for index, layer in enumerate(lm.model.layers):
-            parts = (type(layer), type(layer.self_attn), type(layer.mlp), *(type(n) for n in _norms(layer)))
-            names = [part.__name__ for part in parts]
-            if names != ["Qwen2DecoderLayer", "Qwen2Attention", "Qwen2MLP", "Qwen2RMSNorm", "Qwen2RMSNorm"]:
-                return f"layer {index} is built from {names}, not transformers' Qwen2 modules"
-            if _has_hooks(layer):
-                return f"layer {index} has forward hooks"
-            for name, module in _linears(layer):
-                if _linear_entry(module) is None:
-                    return f"layer {index}'s {name} is a {type(module).__name__} decode_layers does not run"
+        layers = cast(nn.Module, lm.model.layers)
+        for name, tensor in [*layers.named_parameters(), *layers.named_buffers()]:
+            if tensor.device.type != "cpu":  # meta too: an offloaded layer loads its weights in a hook
+                return f"layers.{name} is on {tensor.device}, not the CPU"
+        for index, layer in enumerate(layers):
+            reason = _layer_reason(layer)
+            if reason is not None:
+                return f"layer {index} {reason}"
         return None
 
     @classmethod
@@ -351,7 +363,9 @@ class NativeLayers:
 
     def takes(self, hidden: torch.Tensor) -> bool:
         """Whether this step can run here: no gradients, not traced, and not more rows than the int8 kernel takes."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if torch.is_grad_enabled() or torch.jit.is_tracing():
+            return False
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return False
         return self.max_rows is None or hidden.shape[0] <= self.max_rows
 

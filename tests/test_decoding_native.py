@@ -71,6 +71,15 @@ def test_one_call_gives_the_python_loops_logits_and_cache_bit_for_bit(model: Fas
     assert all(torch.equal(a, b) for a, b in zip(loop_keys, one_keys, strict=True))
 
 
+def test_each_layer_keeps_its_own_attention_scaling(model: FastVLM) -> None:
+    scaled = copy.deepcopy(model)
+    scaled.language_model.model.layers[1].self_attn.scaling *= 0.5
+    loop_logits, _ = _steps(scaled, native_layers=False, steps=2)
+    one_logits, _ = _steps(scaled, native_layers=True, steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(loop_logits, one_logits, strict=True))
+    assert not torch.equal(loop_logits[0], _steps(model, native_layers=False, steps=1)[0][0])  # the change mattered
+
+
 def test_generate_takes_it_and_gives_the_reference_greedy_tokens(model: FastVLM, monkeypatch) -> None:
     golden = json.loads(fixture_path("apple_fastvlm_tiny", "golden.json").read_text())
     calls = []
@@ -97,7 +106,7 @@ def test_generate_takes_it_and_gives_the_reference_greedy_tokens(model: FastVLM,
 def test_layers_it_cannot_mirror_keep_the_python_loop(model: FastVLM) -> None:
     aten = quantize_decoder(copy.deepcopy(model), "int8", kernel="aten")  # unpacked int8: ATen's kernel
     reason = NativeLayers.unsupported_reason(aten.language_model)
-    assert reason is not None and "q_proj is a Int8WeightOnlyLinear" in reason
+    assert reason == "layer 0 has a Int8WeightOnlyLinear as q_proj, which decode_layers does not run"
     hooked = copy.deepcopy(model)
     hooked.language_model.model.layers[1].mlp.register_forward_hook(lambda m, i, o: o * 2)
     assert NativeLayers.unsupported_reason(hooked.language_model) == "layer 1 has forward hooks"
@@ -105,8 +114,22 @@ def test_layers_it_cannot_mirror_keep_the_python_loop(model: FastVLM) -> None:
         cache, _ = prefill(hooked, hooked.prepare_inputs(torch.tensor([[5, 6, 7]])))
         assert DecodeSteps(hooked, cache, capacity=5).decoder.native is None  # the hook still runs
     gelu = copy.deepcopy(model)
-    gelu.language_model.config.hidden_act = "gelu"
-    assert NativeLayers.unsupported_reason(gelu.language_model) == "the MLP activation is 'gelu', not silu"
+    gelu.language_model.model.layers[0].mlp.act_fn = torch.nn.GELU()
+    assert NativeLayers.unsupported_reason(gelu.language_model) == "layer 0 has a GELU activation, not SiLU"
+    replaced = copy.deepcopy(model)
+    mlp = replaced.language_model.model.layers[1].mlp
+    mlp.forward = lambda x: x  # on the instance, as accelerate's hooks and some patches do
+    reason = NativeLayers.unsupported_reason(replaced.language_model)
+    assert reason == "layer 1 has a Qwen2MLP whose forward is replaced"
+    subclassed = copy.deepcopy(model)
+    layer = subclassed.language_model.model.layers[0]
+    layer.mlp.__class__ = type("Qwen2MLP", (type(layer.mlp),), {"forward": lambda self, x: 2 * x})  # same name
+    reason = NativeLayers.unsupported_reason(subclassed.language_model) or ""
+    assert reason.startswith("layer 0 is built from") and "not exactly transformers' Qwen2 modules" in reason
+    offloaded = copy.deepcopy(model)
+    offloaded.language_model.model.layers[1].mlp.up_proj.to("meta")  # as an offloading hook leaves it
+    reason = NativeLayers.unsupported_reason(offloaded.language_model) or ""
+    assert reason == "layers.1.mlp.up_proj.weight is on meta, not the CPU"
 
 
 def test_without_the_library_the_loop_runs(model: FastVLM, monkeypatch) -> None:
@@ -144,6 +167,7 @@ def test_the_op_names_inputs_that_do_not_fit(model: FastVLM) -> None:
     full = [torch.zeros(1, kv_heads, 4, head_dim) for _ in range(count)]
     call = layers.kernel
     args = (layers.kinds, layers.eps, layers.heads, kv_heads, head_dim, layers.scaling)
+    assert len(layers.scaling) == count  # one per layer
     with torch.inference_mode():
         with pytest.raises(RuntimeError, match="no room for position 4"):
             call(hidden, cos, sin, None, full, full, 4, layers.tensors, *args)

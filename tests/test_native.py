@@ -89,6 +89,18 @@ def test_vnni_products_are_within_the_activation_rounding_of_float64() -> None:
     assert torch.equal(_op(x, packed, s, "vnni")[3], torch.zeros(300))  # an all-zero row is exactly zero
 
 
+def test_vnni_holds_its_widest_row_exactly_and_hands_wider_ones_to_the_fp32_path() -> None:
+    _needs_vnni()
+    widest = 2**17  # every digit sum of a row of this width still fits int32
+    packed = pack_rows(torch.full((8, widest), 127, dtype=torch.int8))
+    got = _op(torch.ones(1, widest), packed, torch.ones(8), "vnni")
+    assert torch.equal(got, torch.full((1, 8), 127.0 * widest))
+    wider = widest + 16
+    packed = pack_rows(torch.randint(-127, 128, (8, wider), dtype=torch.int8))
+    x = torch.randn(1, wider)
+    assert torch.equal(_op(x, packed, torch.ones(8), "vnni"), _op(x, packed, torch.ones(8), "avx512"))
+
+
 def test_vnni_rows_with_inf_or_nan_propagate_them_like_the_fp32_path() -> None:
     _needs_vnni()
     q, scales = quantize_rows_int8(torch.randn(24, 64))

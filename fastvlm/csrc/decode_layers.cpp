@@ -109,7 +109,7 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos_in, const at::Tensor& sin_in,
                          const std::optional<at::Tensor>& mask, at::TensorList keys, at::TensorList values,
                          int64_t length, const Tensors& tensors, c10::IntArrayRef kinds, c10::ArrayRef<double> eps,
-                         int64_t heads, int64_t kv_heads, int64_t head_dim, double scaling) {
+                         int64_t heads, int64_t kv_heads, int64_t head_dim, c10::ArrayRef<double> scaling) {
   const int64_t layers = static_cast<int64_t>(keys.size());
   TORCH_CHECK(static_cast<int64_t>(values.size()) == layers, "decode_layers: ", keys.size(), " key buffers but ",
               values.size(), " value buffers");
@@ -119,6 +119,8 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos_in, 
               layers * kLinearsPerLayer, " linear kinds, got ", kinds.size());
   TORCH_CHECK(static_cast<int64_t>(eps.size()) == 2 * layers, "decode_layers: expected ", 2 * layers,
               " norm epsilons, got ", eps.size());
+  TORCH_CHECK(static_cast<int64_t>(scaling.size()) == layers, "decode_layers: expected ", layers,
+              " attention scalings, got ", scaling.size());
   TORCH_CHECK(hidden_in.dim() == 3 && hidden_in.size(1) == 1, "decode_layers: hidden must be [B, 1, H], got ",
               hidden_in.sizes());
   for (int64_t i = 0; i < layers; ++i)
@@ -139,7 +141,7 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos_in, 
     values[i].slice(2, length, end).copy_(value);
     const at::Tensor attended =
         at::scaled_dot_product_attention(rotate(query, cos, sin), keys[i].slice(2, 0, end), values[i].slice(2, 0, end),
-                                         mask, 0.0, /*is_causal=*/false, scaling, share_kv_heads);
+                                         mask, 0.0, /*is_causal=*/false, scaling[i], share_kv_heads);
     hidden = hidden + weights.linear(i, kO, attended.transpose(1, 2).reshape({batch, 1, heads * head_dim}));
     const at::Tensor y = rms_norm(hidden, weights.tensor(i, kTensorsPerLayer - 1), eps[2 * i + 1]);
     hidden = hidden + weights.linear(i, kDown, at::silu(weights.linear(i, kGate, y)) * weights.linear(i, kUp, y));
@@ -152,7 +154,7 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos_in, 
 TORCH_LIBRARY_FRAGMENT(fastvlm_native, m) {
   m.def(
       "decode_layers(Tensor hidden, Tensor cos, Tensor sin, Tensor? mask, Tensor(a!)[] keys, Tensor(b!)[] values, int length, "
-      "Tensor?[] tensors, int[] kinds, float[] eps, int heads, int kv_heads, int head_dim, float scaling) -> Tensor");
+      "Tensor?[] tensors, int[] kinds, float[] eps, int heads, int kv_heads, int head_dim, float[] scaling) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastvlm_native, CPU, m) { m.impl("decode_layers", decode_layers); }

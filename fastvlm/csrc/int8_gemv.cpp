@@ -22,11 +22,12 @@
 // integer (scaled by its largest magnitude) made non-negative by an offset of 2^27, split into
 // four base-128 digits, and vpdpbusd multiplies 64 weights by 64 digits and sums them in int32
 // lanes in one instruction (5 per 64 weights with the row sums the offset needs, against 12).
-// Sums are combined in int64 and scaled once at the end, so the only rounding is the activation's
-// to 28 bits of its row's largest magnitude (finer than fp32's own 24 bits for every value within
-// 16x of that largest one) and the final conversion; the fp32-FMA paths round at every step and
-// are, measured against float64, a few times less exact. Rows holding inf or NaN take the
-// AVX-512 FMA path, which propagates them.
+// The digit sums are combined in double, exactly (integers below 2^53), and scaled once at the
+// end, so what rounds is the activation, to 28 bits of its row's largest magnitude (finer than
+// fp32's own 24 bits for every value within 16x of that largest one), and the two float64
+// multiplications by the scales and the conversion to fp32; the fp32-FMA paths round at every
+// step and are, measured against float64, a few times less exact. Rows holding inf or NaN, and
+// rows wider than kVnniMaxK, take the AVX-512 FMA path (which propagates inf and NaN).
 //
 // Three instruction sets are compiled into the same library and picked at run time: AVX-512 VNNI,
 // AVX-512F (16 fp32 lanes) and AVX2 + FMA (8 lanes). A CPU with none is reported by
@@ -54,6 +55,9 @@ constexpr int64_t kPrefetchBytes = 8192;  // how far ahead of the read the prefe
 constexpr int64_t kDigits = 4;         // base-128 digits per activation (VNNI path)
 constexpr int64_t kDigitBits = 7;
 constexpr int64_t kOffset = int64_t(1) << (kDigits * kDigitBits - 1);  // 2^27: every activation made non-negative
+// Widest row the VNNI path takes: a row's digit sum, 127 * 127 * K at most, must fit int32 (the
+// four lanes of a row are added in int32), which holds to K = 133,143; every Qwen2 width is far below.
+constexpr int64_t kVnniMaxK = int64_t(1) << 17;
 
 enum class Isa { none = 0, avx2 = 1, avx512 = 2, vnni = 3 };
 
@@ -169,7 +173,7 @@ __attribute__((target("avx512f"))) inline __m256d row_totals(__m512i acc) {
 // The 8 exact integer dot products of one block with each of ROWS digit rows (planes of row m at
 // digits + m * kDigits * K), offset removed: out[m * kGroupRows + r] = sum_k q[r, k] * round(x[m, k] / scale).
 // A 64-byte load holds 16 weights of 4 rows; vpdpbusd sums each row's products into the 4 int32
-// lanes of its 128-bit chunk (at most 127 * 127 * K / 4 each, within int32 for K up to 500,000).
+// lanes of its 128-bit chunk (their sum at most 127 * 127 * K, within int32 for K <= kVnniMaxK).
 template <int ROWS>
 __attribute__((target("avx512f,avx512vnni,fma"))) void block_dot_vnni(const int8_t* block, const uint8_t* digits, int64_t K,
                                                                 double* out) {
@@ -307,7 +311,9 @@ at::Tensor int8_packed_mm(const at::Tensor& x, const at::Tensor& packed, const a
   TORCH_CHECK(x.size(1) == K, "int8_packed_mm: x has ", x.size(1), " columns, the weight ", K);
   const Isa chosen = resolve(isa);
   TORCH_CHECK(chosen != Isa::none, "int8_packed_mm: this CPU has neither AVX-512F nor AVX2+FMA");
-  if (chosen == Isa::vnni) return packed_mm_vnni(x.contiguous(), packed.contiguous(), scales.contiguous());
+  if (chosen == Isa::vnni && K <= kVnniMaxK)
+    return packed_mm_vnni(x.contiguous(), packed.contiguous(), scales.contiguous());
+  if (chosen == Isa::vnni) return packed_mm_fma(x.contiguous(), packed.contiguous(), scales.contiguous(), Isa::avx512);
   return packed_mm_fma(x.contiguous(), packed.contiguous(), scales.contiguous(), chosen);
 }
 
