@@ -336,7 +336,7 @@ class NativeLayers:
             return "fastvlm's CPU kernels are not built here (fastvlm.native)"
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return "global module hooks are registered"
-        layers = cast(nn.Module, lm.model.layers)
+        layers = cast(nn.ModuleList, lm.model.layers)
         for name, tensor in [*layers.named_parameters(), *layers.named_buffers()]:
             if tensor.device.type != "cpu":  # meta too: an offloaded layer loads its weights in a hook
                 return f"layers.{name} is on {tensor.device}, not the CPU"
