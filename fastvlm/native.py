@@ -43,6 +43,8 @@ SOURCES = (CSRC / "int8_gemv.cpp", CSRC / "decode_layers.cpp")  # compiled into 
 HEADERS = (CSRC / "int8_gemv.h",)
 OP_NAMESPACE = "fastvlm_native"
 STALE_LOCK_S = 600  # a build lock older than this was left by a process that died while compiling
+# scaled_dot_product_attention takes enable_gqa from torch 2.5 (decode_layers.cpp repeats the heads before)
+_SDPA_SHARES_KV_HEADS = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 def kernel_cache_dir() -> Path:
@@ -84,7 +86,7 @@ def _library() -> Any | None:
         cpp_extension.load(
             name=name,
             sources=[str(path) for path in SOURCES],
-            extra_cflags=["-O3", "-fopenmp"],
+            extra_cflags=["-O3", "-fopenmp", f"-DFASTVLM_SDPA_GQA={int(_SDPA_SHARES_KV_HEADS)}"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             is_python_module=False,

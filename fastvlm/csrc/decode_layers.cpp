@@ -139,9 +139,18 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos_in, 
     const at::Tensor value = weights.linear(i, kV, x).view({batch, 1, kv_heads, head_dim}).transpose(1, 2);
     keys[i].slice(2, length, end).copy_(rotate(key, cos, sin));
     values[i].slice(2, length, end).copy_(value);
-    const at::Tensor attended =
-        at::scaled_dot_product_attention(rotate(query, cos, sin), keys[i].slice(2, 0, end), values[i].slice(2, 0, end),
-                                         mask, 0.0, /*is_causal=*/false, scaling[i], share_kv_heads);
+    at::Tensor cached_keys = keys[i].slice(2, 0, end), cached_values = values[i].slice(2, 0, end);
+#if FASTVLM_SDPA_GQA
+    const at::Tensor attended = at::scaled_dot_product_attention(rotate(query, cos, sin), cached_keys, cached_values,
+                                                                 mask, 0.0, /*is_causal=*/false, scaling[i], share_kv_heads);
+#else  // torch < 2.5: the heads repeated, as the Python loop does there
+    if (share_kv_heads) {
+      cached_keys = cached_keys.repeat_interleave(heads / kv_heads, 1);
+      cached_values = cached_values.repeat_interleave(heads / kv_heads, 1);
+    }
+    const at::Tensor attended = at::scaled_dot_product_attention(rotate(query, cos, sin), cached_keys, cached_values,
+                                                                 mask, 0.0, /*is_causal=*/false, scaling[i]);
+#endif
     hidden = hidden + weights.linear(i, kO, attended.transpose(1, 2).reshape({batch, 1, heads * head_dim}));
     const at::Tensor y = rms_norm(hidden, weights.tensor(i, kTensorsPerLayer - 1), eps[2 * i + 1]);
     hidden = hidden + weights.linear(i, kDown, at::silu(weights.linear(i, kGate, y)) * weights.linear(i, kUp, y));
