@@ -64,7 +64,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from fastvlm import native
-from fastvlm.linears import GEMV_DTYPES, PACKED_KERNEL_MAX_ROWS, GemvLinear, Int8WeightOnlyLinear
+from fastvlm.linears import GEMV_DTYPES, PACKED_KERNEL_MAX_ROWS, GemvLinear, Int8WeightOnlyLinear, eager_on_cpu
+from fastvlm.native import SDPA_SHARES_KV_HEADS
 
 if TYPE_CHECKING:  # model.py imports this module (through generation); the model types are for annotations only
     from transformers import Qwen2ForCausalLM
@@ -77,15 +78,13 @@ __all__ = [
     "DecodeSteps",
     "KVBuffers",
     "NativeLayers",
+    "attention_shape",
     "cache_argument",
     "cache_layers",
     "decoder_step",
     "prefill",
     "unsupported_reason",
 ]
-
-# scaled_dot_product_attention takes enable_gqa from torch 2.5
-SDPA_SHARES_KV_HEADS = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 _CACHE_ARGUMENTS: dict[type[nn.Module], str] = {}  # decoder class -> its cache argument, read once
@@ -180,6 +179,13 @@ class KVBuffers:
                 tensors[index][:, :, : self.length] = old[:, :, : self.length]
 
 
+def attention_shape(config: Any) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head width) of a Qwen2 config (no kv count: one per head, as transformers)."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(config.num_key_value_heads or heads)
+    return heads, kv_heads, int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
 class CachedDecoder:
     """One-token steps of a Qwen2 decoder ``lm`` over :class:`KVBuffers` (see the module docstring).
 
@@ -192,10 +198,7 @@ class CachedDecoder:
         if reason is not None:
             raise ValueError(f"CachedDecoder cannot run this decoder: {reason}")
         self.lm, self.buffers = lm, buffers
-        config = lm.config
-        self.heads = int(config.num_attention_heads)
-        self.kv_heads = int(config.num_key_value_heads or self.heads)  # None: one per head, as in transformers
-        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        self.heads, self.kv_heads, self.head_dim = attention_shape(lm.config)
         from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
         self.rotate = apply_rotary_pos_emb
@@ -294,8 +297,34 @@ def _linear_entry(module: Any) -> tuple[int, list[torch.Tensor | None]] | None:
     return (MV if gemv else LINEAR), [module.weight, None, module.bias]
 
 
+def _gather(lm: Qwen2ForCausalLM) -> tuple[list[torch.Tensor | None], list[int]] | str:
+    """decode_layers' tensors and linear kinds for ``lm``'s layers, or why it cannot run them as they run."""
+    if native.decode_layers_kernel() is None:
+        return "fastvlm's CPU kernels are not built here (fastvlm.native)"
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return "global module hooks are registered"
+    layers = cast(nn.ModuleList, lm.model.layers)
+    for name, tensor in [*layers.named_parameters(), *layers.named_buffers()]:
+        if tensor.device.type != "cpu":  # meta too: an offloaded layer loads its weights in a hook
+            return f"layers.{name} is on {tensor.device}, not the CPU"
+    tensors: list[torch.Tensor | None] = []
+    kinds = []
+    for index, layer in enumerate(layers):
+        reason = _layer_reason(layer)
+        if reason is not None:
+            return f"layer {index} {reason}"
+        for name, module in _linears(layer):
+            entry = _linear_entry(module)
+            if entry is None:
+                return f"layer {index} has a {type(module).__name__} as {name}, which decode_layers does not run"
+            kinds.append(entry[0])
+            tensors.extend(entry[1])
+        tensors.extend(norm.weight for norm in _norms(layer))
+    return tensors, kinds
+
+
 def _layer_reason(layer: Any) -> str | None:
-    """Why decode_layers would not compute ``layer`` as its own modules do (None: it would)."""
+    """Why decode_layers would not compute ``layer``'s norms, attention and MLP as its modules do (None: it would)."""
     from transformers.activations import SiLUActivation
     from transformers.models.qwen2 import modeling_qwen2 as qwen2
 
@@ -310,9 +339,6 @@ def _layer_reason(layer: Any) -> str | None:
             return "has forward hooks"
         if "forward" in vars(module) or hasattr(module, "_hf_hook"):  # a forward replaced on the instance
             return f"has a {type(module).__name__} whose forward is replaced"
-    for name, module in _linears(layer):
-        if _linear_entry(module) is None:
-            return f"has a {type(module).__name__} as {name}, which decode_layers does not run"
     return None
 
 
@@ -320,52 +346,30 @@ class NativeLayers:
     """Every decoder layer of a one-token step through ``fastvlm_native.decode_layers`` (module docstring)."""
 
     def __init__(self, lm: Qwen2ForCausalLM, kernel: Any, tensors: list[torch.Tensor | None], kinds: list[int]) -> None:
-        config, layers = lm.config, cast(Any, lm.model.layers)
+        layers = cast(Any, lm.model.layers)
         self.kernel, self.tensors, self.kinds = kernel, tensors, kinds
         self.eps = [float(norm.variance_epsilon) for layer in layers for norm in _norms(layer)]
-        self.heads = int(config.num_attention_heads)
-        self.kv_heads = int(config.num_key_value_heads or self.heads)
-        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        self.heads, self.kv_heads, self.head_dim = attention_shape(lm.config)
         self.scaling = [float(layer.self_attn.scaling) for layer in layers]  # each layer's own, as the loop reads it
         self.max_rows = PACKED_KERNEL_MAX_ROWS if INT8 in kinds else None  # more rows: Int8 layers dequantize
 
     @staticmethod
     def unsupported_reason(lm: Qwen2ForCausalLM) -> str | None:
         """Why decode_layers cannot run ``lm``'s layers exactly as the Python loop would (None: it can)."""
-        if native.decode_layers_kernel() is None:
-            return "fastvlm's CPU kernels are not built here (fastvlm.native)"
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-            return "global module hooks are registered"
-        layers = cast(nn.ModuleList, lm.model.layers)
-        for name, tensor in [*layers.named_parameters(), *layers.named_buffers()]:
-            if tensor.device.type != "cpu":  # meta too: an offloaded layer loads its weights in a hook
-                return f"layers.{name} is on {tensor.device}, not the CPU"
-        for index, layer in enumerate(layers):
-            reason = _layer_reason(layer)
-            if reason is not None:
-                return f"layer {index} {reason}"
-        return None
+        gathered = _gather(lm)
+        return gathered if isinstance(gathered, str) else None
 
     @classmethod
     def build(cls, lm: Qwen2ForCausalLM) -> NativeLayers | None:
         """The layers of ``lm`` ready for decode_layers, or None where the Python loop must run them."""
-        if cls.unsupported_reason(lm) is not None:
+        gathered = _gather(lm)
+        if isinstance(gathered, str):
             return None
-        tensors: list[torch.Tensor | None] = []
-        kinds = []
-        for layer in lm.model.layers:
-            for _, module in _linears(layer):
-                kind, entry = _linear_entry(module)  # type: ignore[misc]  # checked by unsupported_reason
-                kinds.append(kind)
-                tensors.extend(entry)
-            tensors.extend(norm.weight for norm in _norms(layer))
-        return cls(lm, native.decode_layers_kernel(), tensors, kinds)
+        return cls(lm, native.decode_layers_kernel(), *gathered)
 
     def takes(self, hidden: torch.Tensor) -> bool:
         """Whether this step can run here: no gradients, not traced, and not more rows than the int8 kernel takes."""
-        if torch.is_grad_enabled() or torch.jit.is_tracing():
-            return False
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        if torch.is_grad_enabled() or not eager_on_cpu(hidden):
             return False
         return self.max_rows is None or hidden.shape[0] <= self.max_rows
 

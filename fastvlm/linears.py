@@ -45,6 +45,7 @@ __all__ = [
     "GemvLinear",
     "Int8WeightOnlyLinear",
     "can_pack_rows",
+    "eager_on_cpu",
     "pack_rows",
     "quantize_rows_int8",
     "unpack_rows",
@@ -59,7 +60,7 @@ INT8_MAX = 127
 PACK_ROWS, PACK_CHUNK = 8, 16  # the native kernel's block: 8 output rows, 16 weights of each per step
 
 
-def _eager_on_cpu(x: torch.Tensor) -> bool:
+def eager_on_cpu(x: torch.Tensor) -> bool:
     """Whether ``x`` is on CPU and not being traced (a traced graph must not bake in a shape-dependent branch)."""
     return (
         x.device.type == "cpu"
@@ -95,7 +96,7 @@ class GemvLinear(nn.Linear):
             and x.dtype == weight.dtype
             and type(weight) in (torch.Tensor, nn.Parameter)
             and x.numel() == x.shape[-1]
-            and _eager_on_cpu(x)
+            and eager_on_cpu(x)
         ):
             out = torch.mv(weight, x.reshape(-1))
             if self.bias is not None:
@@ -205,7 +206,7 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        eager_cpu = rows > 0 and _eager_on_cpu(x)
+        eager_cpu = rows > 0 and eager_on_cpu(x)
         kernel = native.int8_kernel() if self.packed and eager_cpu else None
         if kernel is not None and rows <= PACKED_KERNEL_MAX_ROWS:
             flat = x.reshape(rows, self.in_features).float()

@@ -33,7 +33,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["CACHE_ENV", "DISABLE_ENV", "decode_layers_kernel", "int8_kernel", "int8_kernel_isa", "kernel_cache_dir"]
+__all__ = [
+    "CACHE_ENV",
+    "DISABLE_ENV",
+    "SDPA_SHARES_KV_HEADS",
+    "decode_layers_kernel",
+    "int8_kernel",
+    "int8_kernel_isa",
+    "kernel_cache_dir",
+]
 
 DISABLE_ENV = "FASTVLM_NATIVE_KERNELS"  # "0" turns our kernels off (the ATen kernels run instead)
 CACHE_ENV = "FASTVLM_KERNEL_CACHE"  # where compiled kernels live
@@ -43,8 +51,9 @@ SOURCES = (CSRC / "int8_gemv.cpp", CSRC / "decode_layers.cpp")  # compiled into 
 HEADERS = (CSRC / "int8_gemv.h",)
 OP_NAMESPACE = "fastvlm_native"
 STALE_LOCK_S = 600  # a build lock older than this was left by a process that died while compiling
-# scaled_dot_product_attention takes enable_gqa from torch 2.5 (decode_layers.cpp repeats the heads before)
-_SDPA_SHARES_KV_HEADS = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+# scaled_dot_product_attention takes enable_gqa from torch 2.5; before, the decode steps (Python's and
+# decode_layers.cpp's alike) repeat the shared key/value heads
+SDPA_SHARES_KV_HEADS = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 def kernel_cache_dir() -> Path:
@@ -86,7 +95,7 @@ def _library() -> Any | None:
         cpp_extension.load(
             name=name,
             sources=[str(path) for path in SOURCES],
-            extra_cflags=["-O3", "-fopenmp", f"-DFASTVLM_SDPA_GQA={int(_SDPA_SHARES_KV_HEADS)}"],
+            extra_cflags=["-O3", "-fopenmp", f"-DFASTVLM_SDPA_GQA={int(SDPA_SHARES_KV_HEADS)}"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             is_python_module=False,
