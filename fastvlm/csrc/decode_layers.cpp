@@ -74,7 +74,7 @@ class Layers {
         }
         return at::linear(x, weight, bias);
       case kInt8: {
-        const int64_t in = weight.size(1) * 16, out_features = scales->size(0);
+        const int64_t in = weight.size(1) * fastvlm::kInt8PackChunk, out_features = scales->size(0);
         const at::Tensor flat = x.reshape({x.numel() / in, in}).to(at::kFloat);
         at::Tensor out = with_last_dim(x, out_features, fastvlm::int8_packed_mm(flat, weight, *scales, "auto").to(x.scalar_type()));
         if (bias.has_value()) out = out + bias->to(out.scalar_type());

@@ -48,7 +48,7 @@
 namespace {
 
 constexpr int64_t kGroupRows = 8;      // output rows per contiguous block
-constexpr int64_t kChunk = 16;         // weights of one row per step
+constexpr int64_t kChunk = fastvlm::kInt8PackChunk;  // weights of one row per step
 constexpr int64_t kRowsPerPass = 3;   // activation rows per pass over a block (AVX-512: 24 accumulators)
 constexpr int64_t kPrefetchBytes = 8192;  // how far ahead of the read the prefetch runs (measured: 2-16 KB all pay, T1 beats T0)
 
@@ -311,10 +311,9 @@ at::Tensor int8_packed_mm(const at::Tensor& x, const at::Tensor& packed, const a
   TORCH_CHECK(x.size(1) == K, "int8_packed_mm: x has ", x.size(1), " columns, the weight ", K);
   const Isa chosen = resolve(isa);
   TORCH_CHECK(chosen != Isa::none, "int8_packed_mm: this CPU has neither AVX-512F nor AVX2+FMA");
-  if (chosen == Isa::vnni && K <= kVnniMaxK)
-    return packed_mm_vnni(x.contiguous(), packed.contiguous(), scales.contiguous());
-  if (chosen == Isa::vnni) return packed_mm_fma(x.contiguous(), packed.contiguous(), scales.contiguous(), Isa::avx512);
-  return packed_mm_fma(x.contiguous(), packed.contiguous(), scales.contiguous(), chosen);
+  const at::Tensor xc = x.contiguous(), pc = packed.contiguous(), sc = scales.contiguous();
+  if (chosen != Isa::vnni) return packed_mm_fma(xc, pc, sc, chosen);
+  return K <= kVnniMaxK ? packed_mm_vnni(xc, pc, sc) : packed_mm_fma(xc, pc, sc, Isa::avx512);
 }
 
 }  // namespace fastvlm
