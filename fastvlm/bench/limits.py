@@ -348,13 +348,9 @@ def build_floor_model(llm: str, resolution: int, device: str, dtype: str) -> Fas
     return model
 
 
-def build_quantized(llm: str, resolution: int, device: str, name: str, *, floor: bool = False) -> FastVLM:
-    """The fp32 random model of ``llm`` (or its :func:`floor_config` version) with its decoder quantized as ``name``."""
-    if floor:
-        model = build_floor_model(llm, resolution, device, "fp32")
-    else:
-        model = build_fastvlm(llm, resolution, device=torch.device(device), dtype=torch.float32)
-    return quantize_decoder(model, name)
+def build_quantized(llm: str, resolution: int, name: str) -> FastVLM:
+    """The fp32 random model of ``llm`` on the CPU, its tower fused, its decoder quantized as ``name``."""
+    return quantize_decoder(build_fastvlm(llm, resolution, device=torch.device("cpu"), dtype=torch.float32), name)
 
 
 def run_limits(settings: LimitSettings, *, progress: bool = True) -> LimitsReport:
@@ -371,16 +367,14 @@ def run_limits(settings: LimitSettings, *, progress: bool = True) -> LimitsRepor
         device: {d: build_floor_model(settings.llm, max(settings.resolutions), device, d) for d in settings.dtypes}
         for device in settings.devices
     }
-    largest = max(settings.resolutions)
-    quantized: dict[str, dict[str, FastVLM]] = {"cpu": {}} if "cpu" in settings.devices else {}
-    for name in settings.quantizations if quantized else ():
-        quantized["cpu"][name] = build_quantized(settings.llm, settings.resolutions[0], "cpu", name)
-        floor_models["cpu"][name] = build_quantized(settings.llm, largest, "cpu", name, floor=True)
+    quantized = {}  # on the CPU only: our int8 layers are CPU kernels
+    for name in settings.quantizations if "cpu" in settings.devices else ():
+        quantized[name] = build_quantized(settings.llm, settings.resolutions[0], name)
+        floor = build_floor_model(settings.llm, max(settings.resolutions), "cpu", "fp32")
+        floor_models["cpu"][name] = quantize_decoder(floor, name)
     per_round = 2 * len(settings.dtypes) + 1 + len(STAGES) * len(settings.dtypes) * len(settings.resolutions)
     per_quantization = 1 + len(settings.resolutions)  # its floor, then decode at each resolution
-    total = settings.rounds * (
-        len(settings.devices) * per_round + sum(len(q) for q in quantized.values()) * per_quantization
-    )
+    total = settings.rounds * (len(settings.devices) * per_round + len(quantized) * per_quantization)
     counts: dict[tuple[str, int], int] = {}
     with torch.inference_mode(), tqdm(total=total, desc="limits", unit="measurement", disable=not progress) as bar:
         for index in range(settings.rounds):
@@ -396,7 +390,7 @@ def run_limits(settings: LimitSettings, *, progress: bool = True) -> LimitsRepor
                 for dtype in settings.dtypes:
                     for resolution in settings.resolutions:
                         one.measure_stages(models[(device, dtype)], dtype, resolution, tick)
-                for name, model in quantized.get(device, {}).items():
+                for name, model in quantized.items() if device == "cpu" else ():
                     for resolution in settings.resolutions:
                         one.measure_quantized_decode(model, name, resolution, tick)
     report.ceilings, report.rows = summarize(report.samples)

@@ -218,7 +218,7 @@ def test_quantized_decode_is_held_against_the_read_rate_with_its_stored_bytes():
     report = run_limits(settings, progress=False)
     by_kind = {(s.stage, s.dtype): s for s in report.samples}
     decode, fp32 = by_kind[("decode", "int8-head")], by_kind[("decode", "fp32")]
-    model = build_quantized(settings.llm, settings.resolutions[0], "cpu", "int8-head")
+    model = build_quantized(settings.llm, settings.resolutions[0], "int8-head")
     assert model.quantization == "int8-head"
     assert decode.work == decode_step_bytes(model) + kv_bytes_per_row(model.config.text, torch.float32, decode.tokens)
     assert decode.work < fp32.work / 2  # int8 weights (and the head's copy) against fp32 ones
