@@ -64,7 +64,14 @@ from torch import nn
 from transformers import DynamicCache
 
 from fastvlm import native
-from fastvlm.linears import GEMV_DTYPES, PACKED_KERNEL_MAX_ROWS, GemvLinear, Int8WeightOnlyLinear, eager_on_cpu
+from fastvlm.linears import (
+    FLOAT16_KERNEL_MAX_ROWS,
+    GEMV_DTYPES,
+    PACKED_KERNEL_MAX_ROWS,
+    GemvLinear,
+    Int8WeightOnlyLinear,
+    eager_on_cpu,
+)
 from fastvlm.native import SDPA_SHARES_KV_HEADS
 
 if TYPE_CHECKING:  # model.py imports this module (through generation); the model types are for annotations only
@@ -282,7 +289,7 @@ class CachedDecoder:
         return attention.o_proj(out.transpose(1, 2).reshape(batch, 1, self.heads * self.head_dim))
 
 
-LINEAR, MV, INT8 = 0, 1, 2  # how decode_layers runs a linear layer (the kinds of csrc/decode_layers.cpp)
+LINEAR, MV, INT8, FLOAT16 = 0, 1, 2, 3  # how decode_layers runs a linear layer (the kinds of csrc/decode_layers.cpp)
 
 
 def _linear_entry(module: Any) -> tuple[int, list[torch.Tensor | None]] | None:
@@ -293,8 +300,10 @@ def _linear_entry(module: Any) -> tuple[int, list[torch.Tensor | None]] | None:
         return INT8, [module.qweight, module.scales.float(), module.bias]  # the forward's scales.float(), once
     if type(module) not in (nn.Linear, GemvLinear) or type(module.weight) not in (torch.Tensor, nn.Parameter):
         return None
-    gemv = isinstance(module, GemvLinear) and module.use_mv and module.weight.dtype in GEMV_DTYPES
-    return (MV if gemv else LINEAR), [module.weight, None, module.bias]
+    if not (isinstance(module, GemvLinear) and module.use_mv and module.weight.dtype in GEMV_DTYPES):
+        return LINEAR, [module.weight, None, module.bias]
+    kernel = native.float16_kernel() is not None and module.takes_kernel()
+    return (FLOAT16 if kernel else MV), [module.weight, None, module.bias]
 
 
 def _gather(lm: Qwen2ForCausalLM) -> tuple[list[torch.Tensor | None], list[int]] | str:
@@ -392,6 +401,7 @@ class NativeLayers:
             self.kv_heads,
             self.head_dim,
             self.scaling,
+            FLOAT16_KERNEL_MAX_ROWS,
         )
 
 

@@ -5,12 +5,15 @@ rate at which the weights stream from memory, so fewer bytes per weight should m
 tokens per second. Two things stand in the way in eager PyTorch on CPU, and this module
 works around both:
 
-* **bf16 weights through** ``F.linear`` **are no faster than fp32**: ``aten::mm`` with one
-  row takes a GEMM path that does not read bf16 weights faster (measured on an Intel Xeon
-  with AVX-512 BF16, torch 2.13: about the time of the fp32 layer). ``torch.mv`` on the same
-  row-major weight runs ATen's reduced-precision GEMV kernel (dot products along each
-  contiguous row, fp32 accumulation), which reads the weight at the memory's pace.
-  :class:`GemvLinear` takes that path for one-row bf16/fp16 inputs on CPU.
+* **bf16 weights through ATen are not reliably faster than fp32**: ``aten::mm`` with one
+  row takes a GEMM path, and ``torch.mv`` a reduced-precision GEMV kernel; which of the two
+  reads bf16 weights faster, and whether either beats the fp32 layer, depends on the CPU
+  (torch 2.13, 2-core Xeons: with AMX, ``mv`` reads at the memory's pace and ``mm`` no
+  faster than fp32; without AMX, ``mv`` reads 8-9 GB/s where fp32 reads 28). Our kernel
+  (:mod:`fastvlm.native`, ``float16_mm``) reads the row-major bf16/fp16 weight as it is
+  stored at about the fp32 layer's pace, so half the bytes take about half the time.
+  :class:`GemvLinear` runs it for up to :data:`FLOAT16_KERNEL_MAX_ROWS` rows on CPU, and
+  falls back to ``torch.mv`` for one row where it cannot be built.
 * **int8 weights**: torchao's eager int8 tensor converts the whole weight to the activation
   dtype at every call (more bytes moved, not fewer). ATen has a CPU kernel for exactly
   this case, ``aten._weight_int8pack_mm(x, w_int8[N, K], scales[N])``, which reads the int8
@@ -40,6 +43,7 @@ from torch import nn
 from fastvlm import native
 
 __all__ = [
+    "FLOAT16_KERNEL_MAX_ROWS",
     "KERNEL_MAX_ROWS",
     "PACKED_KERNEL_MAX_ROWS",
     "GemvLinear",
@@ -55,9 +59,13 @@ KERNEL_MAX_ROWS = 16  # up to this many rows ATen's int8 kernel beats dequantise
 # Up to this many rows our kernel does. Measured on a 0.5B int8-head decoder's forward (2-core Xeon):
 # 24 tokens 0.22 against 2.2 s, 96 tokens 0.8 against 1.8 s, 300 tokens 2.2 against 2.7 s.
 PACKED_KERNEL_MAX_ROWS = 256
+# Up to this many rows our bf16/fp16 kernel does (measured on a 4864x896 weight, 2-core Xeon with AVX-512:
+# 0.35 against ATen's 0.57 ms at 1 row, 1.08 against 1.37 at 16 bf16 rows; fp16 is even with ATen at 16).
+FLOAT16_KERNEL_MAX_ROWS = 16
 GEMV_DTYPES = (torch.bfloat16, torch.float16)  # F.linear is as fast as mv for fp32; only these gain
 INT8_MAX = 127
 PACK_ROWS, PACK_CHUNK = 8, 16  # the native kernel's block: 8 output rows, 16 weights of each per step
+FLOAT16_STEP = 16  # the bf16/fp16 kernel reads 16 weights of a row per step: widths must be multiples
 
 
 def eager_on_cpu(x: torch.Tensor) -> bool:
@@ -71,14 +79,18 @@ def eager_on_cpu(x: torch.Tensor) -> bool:
 
 
 class GemvLinear(nn.Linear):
-    """``nn.Linear`` whose one-row bf16/fp16 CPU inputs go through ``torch.mv`` (see the module docstring).
+    """``nn.Linear`` whose few-row bf16/fp16 CPU inputs go through a GEMV kernel (see the module docstring).
 
-    Same parameters, same state dict and same result as ``nn.Linear`` (up to the order of
-    the fp32 accumulation); other inputs, devices and dtypes take ``F.linear`` unchanged.
-    ``use_mv = False`` sends every input to ``F.linear`` (to measure one path against the other).
+    Up to :data:`FLOAT16_KERNEL_MAX_ROWS` rows run our kernel where it is built (and the
+    width is a multiple of 16), else one row runs ``torch.mv``. Same parameters, same state
+    dict and same result as ``nn.Linear`` (up to the order of the fp32 accumulation); other
+    inputs, devices and dtypes take ``F.linear`` unchanged. ``use_mv = False`` sends every
+    input to ``F.linear``, and ``use_kernel = False`` takes ``torch.mv`` for one row instead of our
+    kernel (to measure one path against another).
     """
 
     use_mv: bool = True
+    use_kernel: bool = True
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> GemvLinear:
@@ -90,19 +102,30 @@ class GemvLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if (
             self.use_mv
             and weight.dtype in GEMV_DTYPES
             and x.dtype == weight.dtype
             and type(weight) in (torch.Tensor, nn.Parameter)
-            and x.numel() == x.shape[-1]
+            and 0 < rows <= FLOAT16_KERNEL_MAX_ROWS
             and eager_on_cpu(x)
         ):
-            out = torch.mv(weight, x.reshape(-1))
+            kernel = native.float16_kernel() if self.takes_kernel() else None
+            if kernel is not None:
+                out = kernel(x.reshape(rows, self.in_features), weight)
+            elif rows == 1:
+                out = torch.mv(weight, x.reshape(-1))
+            else:
+                return F.linear(x, weight, self.bias)
             if self.bias is not None:
                 out = out + self.bias
             return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, weight, self.bias)
+
+    def takes_kernel(self) -> bool:
+        """Whether few-row inputs of the weight's dtype may run our kernel here (when it is built)."""
+        return self.use_kernel and self.in_features % FLOAT16_STEP == 0 and self.weight.is_contiguous()
 
 
 def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -123,7 +123,7 @@ class FastVLM(nn.Module):
         self.generation_eos_token_id: int | list[int] | None = None  # from generation_config.json
         self.quantization: str | None = None  # "int8"/"int4" once the decoder is quantized (fastvlm.quantization)
         self.precision: PrecisionChoice | None = None  # the per-stage choice of dtype="auto" (fastvlm.precision)
-        use_gemv_decode(self)  # one-row bf16 decode steps read the weights at memory speed on CPU (fastvlm.linears)
+        use_gemv_decode(self)  # few-row bf16 decode steps read the weights at memory speed on CPU (fastvlm.linears)
         # Decode steps over preallocated KV buffers (fastvlm.decoding); False: transformers' forward
         self.lean_decode = True
         # ...and with every layer of a step in one call to our compiled op where it can (fastvlm.decoding.NativeLayers)

@@ -1,10 +1,12 @@
 """Our own CPU kernels (``fastvlm/csrc``), compiled on this machine the first time they are needed.
 
-One library with two ops under ``torch.ops.fastvlm_native``:
+One library with three ops under ``torch.ops.fastvlm_native``:
 
 - ``int8_packed_mm``, the int8 weight-only GEMV behind :class:`fastvlm.linears.Int8WeightOnlyLinear`
   (``csrc/int8_gemv.cpp``; why ATen's kernel is not enough is written there), C++ with AVX-512
   VNNI, AVX-512F and AVX2 code paths chosen at run time (:func:`int8_kernel`);
+- ``float16_mm``, the bf16/fp16 GEMV behind :class:`fastvlm.linears.GemvLinear` for a few rows
+  (``csrc/float16_gemv.cpp``), AVX-512F and AVX2 paths (:func:`float16_kernel`);
 - ``decode_layers``, every decoder layer of a one-token step in one call, the same ATen calls
   as :class:`fastvlm.decoding.CachedDecoder`'s Python loop without the interpreter between them
   (``csrc/decode_layers.cpp``; :func:`decode_layers_kernel`).
@@ -14,9 +16,10 @@ cache folder keyed by the sources, torch and Python versions, so a machine compi
 (about 30 s on 2 cores) and later processes load it in milliseconds.
 
 Nothing depends on it being there: on a machine without a compiler, on macOS or Windows, or
-with ``FASTVLM_NATIVE_KERNELS=0``, both accessors return ``None`` (with one warning saying why,
-when a build was tried and failed), the int8 layers run on ATen's kernel and decode steps take
-the Python loop, as before. A CPU without AVX2 gets ``decode_layers`` but not the int8 kernel.
+with ``FASTVLM_NATIVE_KERNELS=0``, the accessors return ``None`` (with one warning saying why,
+when a build was tried and failed), the int8 layers run on ATen's kernel, one-row bf16 steps
+on ``torch.mv``, and decode steps take the Python loop, as before. A CPU without AVX2 gets
+``decode_layers`` but not the GEMV kernels.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ __all__ = [
     "DISABLE_ENV",
     "SDPA_SHARES_KV_HEADS",
     "decode_layers_kernel",
+    "float16_kernel",
     "int8_kernel",
     "int8_kernel_isa",
     "kernel_cache_dir",
@@ -47,8 +51,8 @@ DISABLE_ENV = "FASTVLM_NATIVE_KERNELS"  # "0" turns our kernels off (the ATen ke
 CACHE_ENV = "FASTVLM_KERNEL_CACHE"  # where compiled kernels live
 CACHE_DIR_ENV = "FASTVLM_CACHE_DIR"  # fastvlm's cache folder (the precision choices live there too)
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "int8_gemv.cpp", CSRC / "decode_layers.cpp")  # compiled into one library
-HEADERS = (CSRC / "int8_gemv.h",)
+SOURCES = (CSRC / "int8_gemv.cpp", CSRC / "float16_gemv.cpp", CSRC / "decode_layers.cpp")  # compiled into one library
+HEADERS = (CSRC / "cpu_isa.h", CSRC / "int8_gemv.h", CSRC / "float16_gemv.h")
 OP_NAMESPACE = "fastvlm_native"
 STALE_LOCK_S = 600  # a build lock older than this was left by a process that died while compiling
 # scaled_dot_product_attention takes enable_gqa from torch 2.5; before, the decode steps (Python's and
@@ -105,9 +109,9 @@ def _library() -> Any | None:
         lines = str(err).strip().splitlines() or [type(err).__name__]
         first_line = next((line for line in lines if "error:" in line), lines[0])[:300]  # the compiler's own error
         warnings.warn(
-            f"fastvlm's CPU kernels could not be built ({first_line}); int8 layers use ATen's slower kernel and "
-            f"decode steps run layer by layer in Python. Needs gcc (or clang) with OpenMP and `pip install ninja`; "
-            f"set {DISABLE_ENV}=0 to skip the attempt.",
+            f"fastvlm's CPU kernels could not be built ({first_line}); int8 and bf16 layers use ATen's slower "
+            f"kernels and decode steps run layer by layer in Python. Needs gcc (or clang) with OpenMP and "
+            f"`pip install ninja`; set {DISABLE_ENV}=0 to skip the attempt.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -126,6 +130,18 @@ def int8_kernel() -> Any | None:
     if ops is None or ops.int8_gemv_isa() == "none":
         return None
     return ops.int8_packed_mm
+
+
+@functools.cache
+def float16_kernel() -> Any | None:
+    """The compiled bf16/fp16-weight GEMV op (``torch.ops.fastvlm_native.float16_mm``), or None where it cannot run.
+
+    Like :func:`int8_kernel`: None without the library or on a CPU with neither AVX-512F nor AVX2 + FMA + F16C.
+    """
+    ops = _library()
+    if ops is None or ops.int8_gemv_isa() == "none":
+        return None
+    return ops.float16_mm
 
 
 @functools.cache

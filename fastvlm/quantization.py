@@ -45,9 +45,10 @@ The methods (weight-only, activations stay in the model's dtype):
   ``tile_packed_to_4d`` format (tinygemm's CUDA kernel), which requires bf16. torchao's
   default int4 format (``plain``) needs the ``mslk`` kernels and is not used.
 
-bf16 models need no quantization to read half the bytes, but on CPU ``F.linear`` with one row
-of bf16 is little faster than fp32; every :class:`FastVLM` routes those rows through
-``torch.mv`` (:func:`use_gemv_decode`, see :mod:`fastvlm.linears`).
+bf16 models need no quantization to read half the bytes, but on CPU ATen's paths for one row
+of bf16 are little faster than fp32, or slower, depending on the CPU; every :class:`FastVLM`
+routes those rows through our bf16 GEMV kernel, else ``torch.mv`` (:func:`use_gemv_decode`,
+see :mod:`fastvlm.linears`).
 
 A quantized model cannot be saved (:meth:`FastVLM.save_pretrained` refuses): the packed
 formats are device-specific, and quantizing at load time takes seconds, so checkpoints stay
@@ -192,12 +193,12 @@ def _quantize_with_torchao(lm: nn.Module, config: Any, linears: dict[str, nn.Mod
 
 
 def use_gemv_decode(model: FastVLM, enabled: bool = True) -> FastVLM:
-    """Route one-row bf16/fp16 inputs of the decoder's linear layers (tied head included) through ``torch.mv``.
+    """Route few-row bf16/fp16 inputs of the decoder's linear layers (tied head included) through a GEMV kernel.
 
     :class:`FastVLM` does this when it builds its decoder, so every model has it; call it again
     after swapping in plain ``nn.Linear`` layers, or with ``enabled=False`` to send every input
-    back to ``F.linear`` (the benchmarks compare the two). On CPU ``torch.mv`` reads a bf16
-    weight at the memory's pace where ``F.linear`` does not (see :mod:`fastvlm.linears`);
+    back to ``F.linear`` (the benchmarks compare the two). On CPU our kernel (or ``torch.mv``
+    where it is not built) reads a bf16 weight faster than ``F.linear`` (see :mod:`fastvlm.linears`);
     other rows, dtypes and devices are computed as before. The layers keep their parameters
     (same tensors, same state dict; a tied head stays tied). Quantized layers are left alone.
     Returns ``model``.

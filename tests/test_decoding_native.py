@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fastvlm import native
-from fastvlm.decoding import CachedDecoder, DecodeSteps, NativeLayers, prefill
+from fastvlm.decoding import FLOAT16, MV, CachedDecoder, DecodeSteps, NativeLayers, prefill
+from fastvlm.linears import FLOAT16_KERNEL_MAX_ROWS
 from fastvlm.model import FastVLM
 from fastvlm.quantization import quantization_kernel, quantize_decoder
 from tests.conftest import fixture_path
@@ -27,7 +28,7 @@ def model() -> FastVLM:
 
 
 def _variant(model: FastVLM, name: str) -> FastVLM:
-    """fp32, bf16 (its one-row steps through torch.mv), or int8 / int8-head on our kernel, in fp32 or bf16."""
+    """fp32, bf16 (its few-row steps through our bf16 kernel), or int8 / int8-head on our kernel, in fp32 or bf16."""
     dtype = torch.bfloat16 if name.startswith("bf16") else torch.float32
     converted = copy.deepcopy(model).to(dtype)
     quantization = name.removeprefix("bf16").removeprefix("fp32").strip("+") or None
@@ -65,6 +66,19 @@ def _steps(model: FastVLM, native_layers: bool, steps: int = 5) -> tuple[list[to
 def test_one_call_gives_the_python_loops_logits_and_cache_bit_for_bit(model: FastVLM, name: str) -> None:
     converted = _variant(model, name)
     assert NativeLayers.unsupported_reason(converted.language_model) is None
+    loop_logits, loop_keys = _steps(converted, native_layers=False)
+    one_logits, one_keys = _steps(converted, native_layers=True)
+    assert all(torch.equal(a, b) for a, b in zip(loop_logits, one_logits, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(loop_keys, one_keys, strict=True))
+
+
+def test_bf16_layers_where_our_kernel_cannot_run_take_torch_mv_in_both(
+    model: FastVLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    converted = _variant(model, "bf16")
+    assert set(NativeLayers.build(converted.language_model).kinds) == {FLOAT16}  # type: ignore[union-attr]
+    monkeypatch.setattr(native, "float16_kernel", lambda: None)  # as on a CPU without AVX2
+    assert set(NativeLayers.build(converted.language_model).kinds) == {MV}  # type: ignore[union-attr]
     loop_logits, loop_keys = _steps(converted, native_layers=False)
     one_logits, one_keys = _steps(converted, native_layers=True)
     assert all(torch.equal(a, b) for a, b in zip(loop_logits, one_logits, strict=True))
@@ -166,7 +180,7 @@ def test_the_op_names_inputs_that_do_not_fit(model: FastVLM) -> None:
     count = text.num_hidden_layers
     full = [torch.zeros(1, kv_heads, 4, head_dim) for _ in range(count)]
     call = layers.kernel
-    args = (layers.kinds, layers.eps, layers.heads, kv_heads, head_dim, layers.scaling)
+    args = (layers.kinds, layers.eps, layers.heads, kv_heads, head_dim, layers.scaling, FLOAT16_KERNEL_MAX_ROWS)
     assert len(layers.scaling) == count  # one per layer
     with torch.inference_mode():
         with pytest.raises(RuntimeError, match="no room for position 4"):

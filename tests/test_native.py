@@ -1,8 +1,9 @@
-"""Our compiled int8 CPU kernel (``fastvlm/csrc/int8_gemv.cpp``, loaded by :mod:`fastvlm.native`).
+"""Our compiled CPU kernels (``fastvlm/csrc``, loaded by :mod:`fastvlm.native`): int8 and bf16/fp16 GEMV.
 
-It must build on the machines the project runs on (x86-64 Linux with gcc), give the product
-with the dequantized weight to fp32 rounding on both of its instruction sets, name its bad
-inputs, and leave int8 working on ATen's kernel when it cannot be built or is turned off.
+They must build on the machines the project runs on (x86-64 Linux with gcc), give the product
+with the (dequantized) weight to fp32 rounding on each of their instruction sets, name their
+bad inputs, and leave the layers working on ATen's kernels when they cannot be built or are
+turned off.
 """
 
 from __future__ import annotations
@@ -113,6 +114,59 @@ def test_vnni_rows_with_inf_or_nan_propagate_them_like_the_fp32_path() -> None:
     torch.testing.assert_close(got[[0, 3]], fp32[[0, 3]], rtol=1e-5, atol=1e-5)
 
 
+def _float16_op(x: torch.Tensor, weight: torch.Tensor, isa: str = "auto") -> torch.Tensor:
+    return torch.ops.fastvlm_native.float16_mm(x, weight, isa)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "k"), [(1, 16), (7, 64), (8, 32), (99, 64), (256, 896)])
+def test_float16_kernel_is_within_fp32_summation_of_the_exact_product(
+    isa: str, dtype: torch.dtype, n: int, k: int
+) -> None:
+    """16-bit products are exact in fp32: the error is the fp32 sums' and the result's rounding to ``dtype``."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU has no {isa}")
+    torch.manual_seed(n + k)
+    weight = torch.randn(n, k).to(dtype)
+    for rows in (1, 2, 3, 4, 5, 16):
+        x = torch.randn(rows, k).to(dtype)
+        got = _float16_op(x, weight, isa)
+        exact = x.double() @ weight.double().T
+        assert got.shape == (rows, n) and got.dtype == dtype
+        sums = (x.double().abs() @ weight.double().abs().T) * k * 2**-24  # fp32 summation error bound
+        unit = 2**-8 if dtype == torch.bfloat16 else 2**-11  # half a unit in the last place of the result
+        assert ((got.double() - exact).abs() <= unit * exact.abs() + sums + 1e-30).all()
+
+
+def test_float16_kernel_agrees_across_instruction_sets_and_with_aten() -> None:
+    torch.manual_seed(1)
+    weight, x = torch.randn(300, 896).bfloat16(), torch.randn(3, 896).bfloat16()
+    results = [_float16_op(x, weight, isa).float() for isa in _isas() if isa != "vnni"]
+    aten = F.linear(x, weight).float()
+    for got in results:
+        torch.testing.assert_close(got, aten, rtol=2**-7, atol=1e-2)
+    assert torch.equal(_float16_op(torch.zeros(1, 896).bfloat16(), weight), torch.zeros(1, 300).bfloat16())
+
+
+def test_float16_kernel_names_its_bad_inputs() -> None:
+    weight = torch.randn(16, 32).bfloat16()
+    cases = [
+        ((torch.randn(1, 32).bfloat16(), weight.float()), "the weight must be bfloat16 or float16, got Float"),
+        ((torch.randn(1, 32).half(), weight), "x must be 2-D BFloat16, got Half"),
+        ((torch.randn(1, 48).bfloat16(), torch.randn(16, 48).bfloat16().T.contiguous().T), r"not contiguous"),
+        ((torch.randn(1, 48).bfloat16(), weight), "x has 48 columns, the weight 32"),
+        (
+            (torch.randn(1, 24).bfloat16(), torch.randn(16, 24).bfloat16()),
+            r"width \(24\) must be a positive multiple of 16",
+        ),
+        ((torch.randn(1, 32).bfloat16(), weight, "sse2"), "unknown instruction set 'sse2'"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            _float16_op(*args)
+
+
 def test_packing_round_trips_and_pads_the_last_group_with_zeros() -> None:
     q = torch.randint(-127, 128, (13, 48), dtype=torch.int8)
     packed = pack_rows(q)
@@ -202,7 +256,7 @@ print("output:", layer(torch.randn(1, 32)).shape)  # a packed layer without the 
 
 def _forget_loaded() -> None:
     """Make the next accessor call look again (the environment changed)."""
-    for accessor in (native._library, native.int8_kernel, native.decode_layers_kernel):
+    for accessor in (native._library, native.int8_kernel, native.float16_kernel, native.decode_layers_kernel):
         accessor.cache_clear()
 
 

@@ -10,12 +10,13 @@ tiny fixture's measured errors (fp32 activations, CPU): one decoder layer's outp
 from __future__ import annotations
 
 import sys
-from unittest.mock import patch
+from unittest.mock import MagicMock
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fastvlm import native
 from fastvlm.cli import main
 from fastvlm.errors import CheckpointError, ConfigError
 from fastvlm.linears import (
@@ -271,26 +272,37 @@ def test_gemv_linear_gives_linears_result_with_the_same_parameters(dtype: torch.
         torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-2)
 
 
-def test_every_model_decodes_one_row_through_mv_keeping_the_head_tied_and_the_state_dict() -> None:
+@pytest.mark.parametrize("path", ["kernel", "mv"])
+def test_every_model_decodes_one_row_through_the_gemv_path_keeping_the_head_tied_and_the_state_dict(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One row takes our bf16 kernel where it is built (``kernel``), else torch.mv (``mv``: as without one)."""
+    kernel = native.float16_kernel()
+    if path == "kernel" and kernel is None:
+        pytest.skip("fastvlm's CPU kernels did not build")
+    gemv = MagicMock(wraps=kernel if path == "kernel" else torch.mv)
+    monkeypatch.setattr(native, "float16_kernel", lambda: gemv if path == "kernel" else None)
+    if path == "mv":
+        monkeypatch.setattr(torch, "mv", gemv)
     model = FastVLM.from_pretrained(fixture_path(TINY), dtype=torch.bfloat16)
     lm = model.language_model
     assert isinstance(lm.lm_head, GemvLinear) and lm.lm_head.weight is lm.model.embed_tokens.weight
     assert all(isinstance(m, GemvLinear) and m.use_mv for m in decoder_linears(model).values())
     keys = model.state_dict().keys()
     layers = [m for m in lm.modules() if isinstance(m, GemvLinear)]  # decoder_linears leaves out a tied head
-    one_row = torch.tensor([[5]])  # one token: every linear layer sees one row, the torch.mv path
-    with torch.no_grad(), patch("torch.mv", wraps=torch.mv) as mv:
-        mv_logits = lm(one_row).logits
-        assert mv.call_count == len(layers)  # each layer, the tied head included, took mv
+    one_row = torch.tensor([[5]])  # one token: every linear layer sees one row, the GEMV path
+    with torch.no_grad():
+        gemv_logits = lm(one_row).logits
+        assert gemv.call_count == len(layers)  # each layer, the tied head included, took the path
         use_gemv_decode(model, enabled=False)  # every input through F.linear: the same function
         assert not any(m.use_mv for m in layers)
         linear_logits = lm(one_row).logits
-        assert mv.call_count == len(layers)  # no further mv call
+        assert gemv.call_count == len(layers)  # no further call
     # the same function up to the order of the fp32 sums, each layer's output rounded to bf16
     # (steps of 2**-7 relative): a few such steps at the scale of the largest logit, same argmax
-    scale = mv_logits.float().abs().max().item()
-    torch.testing.assert_close(linear_logits.float(), mv_logits.float(), rtol=0, atol=4 * 2**-7 * scale)
-    assert torch.equal(linear_logits.argmax(-1), mv_logits.argmax(-1))
+    scale = gemv_logits.float().abs().max().item()
+    torch.testing.assert_close(linear_logits.float(), gemv_logits.float(), rtol=0, atol=4 * 2**-7 * scale)
+    assert torch.equal(linear_logits.argmax(-1), gemv_logits.argmax(-1))
     assert model.state_dict().keys() == keys and lm.lm_head.weight is lm.model.embed_tokens.weight
 
 

@@ -19,7 +19,14 @@ MAX_FUNCTION_LINES = 80
 # Layers from the bottom up: a module may import its own layer and the ones below it.
 LAYERS = [
     {"fastvlm.errors"},
-    {"fastvlm.files", "fastvlm.state_dicts", "fastvlm.measure", "fastvlm.dtypes", "fastvlm.native"},
+    {
+        "fastvlm.files",
+        "fastvlm.state_dicts",
+        "fastvlm.measure",
+        "fastvlm.dtypes",
+        "fastvlm.native",
+        "fastvlm.allocator",
+    },
     {"fastvlm.vision"},
     {"fastvlm.processing", "fastvlm.presets", "fastvlm.config"},
     {"fastvlm.formats"},

@@ -7,8 +7,9 @@ fp32 and bf16 with their steps through transformers' forward and ``DynamicCache`
 :mod:`fastvlm.decoding`'s preallocated buffers (``model.lean_decode = False``), and with the
 layers of each step run one by one from Python instead of in one compiled call
 (``python layers``: ``model.native_decode = False``; int8-head too);
-bf16 with its one-row steps through ``F.linear`` (:func:`~fastvlm.quantization.use_gemv_decode`
-turned off) and through ``torch.mv``, the default; int8, with and without the int8 copy of
+bf16 with its few-row steps through ``F.linear`` (:func:`~fastvlm.quantization.use_gemv_decode`
+turned off), through ``torch.mv`` (``GemvLinear.use_kernel`` off) and through our bf16 kernel,
+the default; int8, with and without the int8 copy of
 the tied head (``int8-head``), on the default kernel (ours, :mod:`fastvlm.native`, where it
 builds) and on ATen's (``aten``); torchao's eager int8 (the old path);
 and torchao int4 with fp32 and with bf16 activations. The variants take turns in each round (so load from
@@ -32,6 +33,7 @@ import torch
 
 from fastvlm.decoding import DecodeSteps, prefill
 from fastvlm.generation import generate_tokens
+from fastvlm.linears import GemvLinear
 from fastvlm.measure import markdown_table
 from fastvlm.model import FastVLM
 from fastvlm.presets import fastvlm_config
@@ -47,7 +49,8 @@ class Variant:
     dtype: torch.dtype
     quantization: str | None = None
     kernel: str = "auto"
-    gemv: bool = True  # one-row bf16 steps through torch.mv, as every FastVLM decodes (False: F.linear)
+    gemv: bool = True  # few-row bf16 steps through a GEMV kernel, as every FastVLM decodes (False: F.linear)
+    gemv_kernel: bool = True  # that kernel ours where built, as every FastVLM (False: torch.mv)
     lean: bool = True  # steps over preallocated KV buffers, as generate takes them (False: transformers' forward)
     native: bool = True  # all layers of a step in one compiled call, as generate takes them (False: a Python loop)
 
@@ -57,6 +60,7 @@ VARIANTS = (
     Variant("fp32 python layers", torch.float32, native=False),
     Variant("fp32 transformers step", torch.float32, lean=False),
     Variant("bf16 F.linear", torch.bfloat16, gemv=False),
+    Variant("bf16 torch.mv", torch.bfloat16, gemv_kernel=False),
     Variant("bf16", torch.bfloat16),
     Variant("bf16 python layers", torch.bfloat16, native=False),
     Variant("bf16 transformers step", torch.bfloat16, lean=False),
@@ -94,6 +98,9 @@ def build_variant(variant: Variant, llm: str, build: Callable[..., FastVLM] = Fa
         quantize_decoder(model, variant.quantization, kernel=variant.kernel)
     if not variant.gemv:
         use_gemv_decode(model, enabled=False)
+    for module in model.language_model.modules():
+        if isinstance(module, GemvLinear):
+            module.use_kernel = variant.gemv_kernel
     model.lean_decode = variant.lean
     model.native_decode = variant.native
     return model

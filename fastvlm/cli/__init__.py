@@ -45,6 +45,7 @@ import argparse
 import sys
 import traceback
 
+from fastvlm.allocator import keep_freed_memory_unless_disabled
 from fastvlm.cli import bench, data, export, model, precision, serve, train
 from fastvlm.cli import eval as evaluation
 from fastvlm.errors import FastVLMError
@@ -62,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     for group in COMMAND_GROUPS:
         group.register(subparsers)
     return parser
+
+
+def run() -> int:
+    """The ``fastvlm`` program: :func:`main` in a process that keeps freed memory (:mod:`fastvlm.allocator`)."""
+    keep_freed_memory_unless_disabled()
+    return main()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 import sys
 
-from fastvlm.cli import main
+from fastvlm.cli import run
 
 if __name__ == "__main__":  # vLLM's engine processes may re-import the main module (spawn)
-    sys.exit(main())
+    sys.exit(run())

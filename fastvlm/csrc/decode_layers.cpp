@@ -12,8 +12,10 @@
 // Each linear layer arrives as three tensors (weight, scales, bias) and a kind saying which
 // forward it mirrors:
 //   kLinear  nn.Linear:              F.linear(x, weight, bias)
-//   kMv      fastvlm.linears.GemvLinear (bf16/fp16): torch.mv for one row of the weight's dtype,
-//            then + bias; F.linear otherwise
+//   kMv      fastvlm.linears.GemvLinear (bf16/fp16) where our GEMV kernel cannot run: torch.mv
+//            for one row of the weight's dtype, then + bias; F.linear otherwise
+//   kFloat16 fastvlm.linears.GemvLinear where it can: our bf16/fp16 kernel (float16_gemv.cpp) for
+//            up to float16_max_rows rows of the weight's dtype, then + bias; F.linear otherwise
 //   kInt8    fastvlm.linears.Int8WeightOnlyLinear with a packed weight: our int8 kernel on the
 //            rows as float32 (scales given as float32), back to x's dtype, then + bias
 // Python (fastvlm.decoding.NativeLayers) decides which layers qualify and falls back to its
@@ -26,11 +28,12 @@
 #include <optional>
 #include <vector>
 
+#include "float16_gemv.h"
 #include "int8_gemv.h"
 
 namespace {
 
-enum Kind : int64_t { kLinear = 0, kMv = 1, kInt8 = 2 };
+enum Kind : int64_t { kLinear = 0, kMv = 1, kInt8 = 2, kFloat16 = 3 };
 
 constexpr int64_t kLinearsPerLayer = 7;   // q, k, v, o, gate, up, down
 constexpr int64_t kTensorsPerLinear = 3;  // weight (or packed int8 weight), scales (int8 only), bias
@@ -47,7 +50,8 @@ at::Tensor with_last_dim(const at::Tensor& like, int64_t last, const at::Tensor&
 
 class Layers {
  public:
-  Layers(const Tensors& tensors, c10::IntArrayRef kinds) : tensors_(tensors), kinds_(kinds) {}
+  Layers(const Tensors& tensors, c10::IntArrayRef kinds, int64_t float16_max_rows)
+      : tensors_(tensors), kinds_(kinds), float16_max_rows_(float16_max_rows) {}
 
   at::Tensor tensor(int64_t layer, int64_t index) const {
     const std::optional<at::Tensor> t = tensors_.get(layer * kTensorsPerLayer + index);
@@ -61,8 +65,8 @@ class Layers {
     const int64_t kind = kinds_[layer * kLinearsPerLayer + slot];
     const at::Tensor weight = tensor(layer, slot * kTensorsPerLinear);
     const std::optional<at::Tensor> scales = tensors_.get(base + 1), bias = tensors_.get(base + 2);
-    TORCH_CHECK(kind == kLinear || kind == kMv || kind == kInt8, "decode_layers: layer ", layer, " linear ", slot,
-                " has kind ", kind, "; expected 0 (F.linear), 1 (torch.mv) or 2 (int8)");
+    TORCH_CHECK(kind >= kLinear && kind <= kFloat16, "decode_layers: layer ", layer, " linear ", slot, " has kind ",
+                kind, "; expected 0 (F.linear), 1 (torch.mv), 2 (int8) or 3 (bf16/fp16 kernel)");
     TORCH_CHECK(kind != kInt8 || scales.has_value(), "decode_layers: layer ", layer, " linear ", slot,
                 " is int8 but has no scales");
     switch (kind) {
@@ -73,6 +77,15 @@ class Layers {
           return with_last_dim(x, weight.size(0), out);
         }
         return at::linear(x, weight, bias);
+      case kFloat16: {
+        const int64_t rows = x.numel() / x.size(-1);
+        if (rows <= float16_max_rows_ && x.scalar_type() == weight.scalar_type()) {
+          at::Tensor out = fastvlm::float16_mm(x.reshape({rows, x.size(-1)}), weight, "auto");
+          if (bias.has_value()) out = out + *bias;
+          return with_last_dim(x, weight.size(0), out);
+        }
+        return at::linear(x, weight, bias);
+      }
       case kInt8: {
         const int64_t in = weight.size(1) * fastvlm::kInt8PackChunk, out_features = scales->size(0);
         const at::Tensor flat = x.reshape({x.numel() / in, in}).to(at::kFloat);
@@ -88,6 +101,7 @@ class Layers {
  private:
   const Tensors& tensors_;
   c10::IntArrayRef kinds_;
+  int64_t float16_max_rows_;
 };
 
 // transformers' Qwen2RMSNorm.
@@ -109,7 +123,8 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos_in, const at::Tensor& sin_in,
                          const std::optional<at::Tensor>& mask, at::TensorList keys, at::TensorList values,
                          int64_t length, const Tensors& tensors, c10::IntArrayRef kinds, c10::ArrayRef<double> eps,
-                         int64_t heads, int64_t kv_heads, int64_t head_dim, c10::ArrayRef<double> scaling) {
+                         int64_t heads, int64_t kv_heads, int64_t head_dim, c10::ArrayRef<double> scaling,
+                         int64_t float16_max_rows) {
   const int64_t layers = static_cast<int64_t>(keys.size());
   TORCH_CHECK(static_cast<int64_t>(values.size()) == layers, "decode_layers: ", keys.size(), " key buffers but ",
               values.size(), " value buffers");
@@ -127,7 +142,7 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos_in, 
     TORCH_CHECK(keys[i].size(2) > length && values[i].size(2) > length, "decode_layers: layer ", i,
                 "'s buffers hold ", keys[i].size(2), " positions, no room for position ", length);
 
-  const Layers weights(tensors, kinds);
+  const Layers weights(tensors, kinds, float16_max_rows);
   const int64_t batch = hidden_in.size(0), end = length + 1;
   const at::Tensor cos = cos_in.unsqueeze(1), sin = sin_in.unsqueeze(1);
   const bool share_kv_heads = kv_heads != heads;
@@ -163,7 +178,8 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos_in, 
 TORCH_LIBRARY_FRAGMENT(fastvlm_native, m) {
   m.def(
       "decode_layers(Tensor hidden, Tensor cos, Tensor sin, Tensor? mask, Tensor(a!)[] keys, Tensor(b!)[] values, int length, "
-      "Tensor?[] tensors, int[] kinds, float[] eps, int heads, int kv_heads, int head_dim, float[] scaling) -> Tensor");
+      "Tensor?[] tensors, int[] kinds, float[] eps, int heads, int kv_heads, int head_dim, float[] scaling, "
+      "int float16_max_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastvlm_native, CPU, m) { m.impl("decode_layers", decode_layers); }

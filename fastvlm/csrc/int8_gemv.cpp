@@ -35,6 +35,8 @@
 
 #include "int8_gemv.h"
 
+#include "cpu_isa.h"
+
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -59,31 +61,9 @@ constexpr int64_t kOffset = int64_t(1) << (kDigits * kDigitBits - 1);  // 2^27: 
 // four lanes of a row are added in int32), which holds to K = 133,143; every Qwen2 width is far below.
 constexpr int64_t kVnniMaxK = int64_t(1) << 17;
 
-enum class Isa { none = 0, avx2 = 1, avx512 = 2, vnni = 3 };
-
-Isa detect_isa() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni"))
-    return Isa::vnni;
-  if (__builtin_cpu_supports("avx512f")) return Isa::avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
-  return Isa::none;
-}
-
-// The CPU does not change under a running process: detect once, not on every call.
-Isa best_isa() {
-  static const Isa detected = detect_isa();
-  return detected;
-}
-
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::vnni: return "vnni";
-    case Isa::avx512: return "avx512";
-    case Isa::avx2: return "avx2";
-    default: return "none";
-  }
-}
+using fastvlm::Isa;
+using fastvlm::best_isa;
+using fastvlm::isa_name;
 
 // The 8 dot products of one block with each of ROWS activation rows (x rows are K apart), into
 // out[m * stride + r]. Each int8 weight is widened to fp32 once and used for all ROWS rows: the
@@ -110,12 +90,6 @@ __attribute__((target("avx512f"))) void block_dot_avx512(const int8_t* block, co
     for (int r = 0; r < kGroupRows; ++r) out[m * stride + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
-__attribute__((target("avx2,fma"))) float sum_lanes_avx2(__m256 v) {
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
-}
-
 // One activation row at a time: AVX2 has 16 registers, and 8 accumulators plus the operands fill them.
 __attribute__((target("avx2,fma"))) void block_dot_avx2(const int8_t* block, const float* x, int64_t K, float* out) {
   __m256 acc[kGroupRows];
@@ -133,7 +107,7 @@ __attribute__((target("avx2,fma"))) void block_dot_avx2(const int8_t* block, con
     }
     block += kChunk * kGroupRows;
   }
-  for (int r = 0; r < kGroupRows; ++r) out[r] = sum_lanes_avx2(acc[r]);
+  for (int r = 0; r < kGroupRows; ++r) out[r] = fastvlm::sum_lanes_avx2(acc[r]);
 }
 
 // One activation row as kDigits planes of K base-128 digits (most significant first) of
@@ -244,17 +218,6 @@ at::Tensor packed_mm_vnni(const at::Tensor& x, const at::Tensor& packed, const a
   return y;
 }
 
-Isa resolve(const std::string& isa) {
-  const Isa available = best_isa();
-  if (isa == "auto") return available;
-  const Isa wanted = isa == "vnni" ? Isa::vnni : isa == "avx512" ? Isa::avx512 : isa == "avx2" ? Isa::avx2 : Isa::none;
-  TORCH_CHECK(wanted != Isa::none, "int8_gemv: unknown instruction set '", isa,
-              "'; expected auto, vnni, avx512 or avx2");
-  TORCH_CHECK(static_cast<int>(wanted) <= static_cast<int>(available), "int8_gemv: this CPU has no ", isa,
-              " (best available: ", isa_name(available), ")");
-  return wanted;
-}
-
 // The fp32-FMA paths of int8_packed_mm (inputs checked and contiguous).
 at::Tensor packed_mm_fma(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, Isa chosen) {
   const int64_t groups = packed.size(0), K = packed.size(1) * kChunk, N = scales.size(0), M = x.size(0);
@@ -309,7 +272,7 @@ at::Tensor int8_packed_mm(const at::Tensor& x, const at::Tensor& packed, const a
   TORCH_CHECK(groups == (N + kGroupRows - 1) / kGroupRows, "int8_packed_mm: ", N, " scales need ",
               (N + kGroupRows - 1) / kGroupRows, " row groups, the packed weight has ", groups);
   TORCH_CHECK(x.size(1) == K, "int8_packed_mm: x has ", x.size(1), " columns, the weight ", K);
-  const Isa chosen = resolve(isa);
+  const Isa chosen = fastvlm::resolve_isa(isa, "int8_gemv");
   TORCH_CHECK(chosen != Isa::none, "int8_packed_mm: this CPU has neither AVX-512F nor AVX2+FMA");
   const at::Tensor xc = x.contiguous(), pc = packed.contiguous(), sc = scales.contiguous();
   if (chosen != Isa::vnni) return packed_mm_fma(xc, pc, sc, chosen);
