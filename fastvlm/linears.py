@@ -111,7 +111,7 @@ class GemvLinear(nn.Linear):
             and 0 < rows <= FLOAT16_KERNEL_MAX_ROWS
             and eager_on_cpu(x)
         ):
-            kernel = native.float16_kernel() if self.takes_kernel() else None
+            kernel = native.float16_kernel() if self.takes_kernel() and not _needs_grad(x, self) else None
             if kernel is not None:
                 out = kernel(x.reshape(rows, self.in_features), weight)
             elif rows == 1:
@@ -126,6 +126,12 @@ class GemvLinear(nn.Linear):
     def takes_kernel(self) -> bool:
         """Whether few-row inputs of the weight's dtype may run our kernel here (when it is built)."""
         return self.use_kernel and self.in_features % FLOAT16_STEP == 0 and self.weight.is_contiguous()
+
+
+def _needs_grad(x: torch.Tensor, layer: nn.Linear) -> bool:
+    """Whether autograd records this call (our kernels have no backward: such calls keep ATen's ops)."""
+    tensors = (x, layer.weight) if layer.bias is None else (x, layer.weight, layer.bias)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

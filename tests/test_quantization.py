@@ -272,6 +272,20 @@ def test_gemv_linear_gives_linears_result_with_the_same_parameters(dtype: torch.
         torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-2)
 
 
+def test_gemv_linear_keeps_autograd_where_a_gradient_is_wanted() -> None:
+    """Our kernel has no backward: a one-row bf16 input with gradients on takes ATen's ops, and their gradients."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    gemv = GemvLinear.from_linear(torch.nn.Linear(64, 48).to(torch.bfloat16))
+    gemv.load_state_dict(linear.state_dict())
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    for layer in (linear, gemv):
+        layer(x).float().square().sum().backward()
+    assert gemv.weight.grad is not None and gemv.bias is not None and gemv.bias.grad is not None
+    torch.testing.assert_close(gemv.weight.grad.float(), linear.weight.grad.float(), rtol=2**-6, atol=1e-2)
+    torch.testing.assert_close(gemv.bias.grad.float(), linear.bias.grad.float(), rtol=2**-6, atol=1e-2)
+
+
 @pytest.mark.parametrize("path", ["kernel", "mv"])
 def test_every_model_decodes_one_row_through_the_gemv_path_keeping_the_head_tied_and_the_state_dict(
     path: str, monkeypatch: pytest.MonkeyPatch
