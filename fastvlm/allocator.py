@@ -25,7 +25,13 @@ import os
 import platform
 import sys
 
-__all__ = ["DISABLE_ENV", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory"]
+__all__ = [
+    "DISABLE_ENV",
+    "MMAP_THRESHOLD",
+    "TRIM_THRESHOLD",
+    "keep_freed_memory",
+    "keep_freed_memory_unless_disabled",
+]
 
 DISABLE_ENV = "FASTVLM_KEEP_FREED_MEMORY"  # "0": the fastvlm command leaves glibc's defaults
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest allowed value on 64-bit systems
@@ -36,7 +42,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
 def keep_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds for this process (module docstring); True when both were set.
 
-    Returns False, changing nothing, where the C library is not glibc.
+    Returns False, changing nothing, where the C library is not glibc; glibc refuses neither
+    value, but should it refuse the second, the first stays set and the result is False.
     """
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False

@@ -63,9 +63,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from fastvlm import native
+from fastvlm import linears, native
 from fastvlm.linears import (
-    FLOAT16_KERNEL_MAX_ROWS,
     GEMV_DTYPES,
     PACKED_KERNEL_MAX_ROWS,
     GemvLinear,
@@ -401,7 +400,7 @@ class NativeLayers:
             self.kv_heads,
             self.head_dim,
             self.scaling,
-            FLOAT16_KERNEL_MAX_ROWS,
+            linears.FLOAT16_KERNEL_MAX_ROWS,  # read now, as GemvLinear.forward reads it
         )
 
 

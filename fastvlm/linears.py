@@ -12,8 +12,9 @@ works around both:
   faster than fp32; without AMX, ``mv`` reads 8-9 GB/s where fp32 reads 28). Our kernel
   (:mod:`fastvlm.native`, ``float16_mm``) reads the row-major bf16/fp16 weight as it is
   stored at about the fp32 layer's pace, so half the bytes take about half the time.
-  :class:`GemvLinear` runs it for up to :data:`FLOAT16_KERNEL_MAX_ROWS` rows on CPU, and
-  falls back to ``torch.mv`` for one row where it cannot be built.
+  :class:`GemvLinear` runs it for up to :data:`FLOAT16_KERNEL_MAX_ROWS` rows on CPU; where
+  it cannot (not built, a width that is not a multiple of 16, a non-contiguous weight, a call
+  autograd records) one row takes ``torch.mv`` and more rows ``F.linear``.
 * **int8 weights**: torchao's eager int8 tensor converts the whole weight to the activation
   dtype at every call (more bytes moved, not fewer). ATen has a CPU kernel for exactly
   this case, ``aten._weight_int8pack_mm(x, w_int8[N, K], scales[N])``, which reads the int8
@@ -125,7 +126,12 @@ class GemvLinear(nn.Linear):
 
     def takes_kernel(self) -> bool:
         """Whether few-row inputs of the weight's dtype may run our kernel here (when it is built)."""
-        return self.use_kernel and self.in_features % FLOAT16_STEP == 0 and self.weight.is_contiguous()
+        return (
+            self.use_kernel
+            and self.in_features > 0
+            and self.in_features % FLOAT16_STEP == 0
+            and self.weight.is_contiguous()
+        )
 
 
 def _needs_grad(x: torch.Tensor, layer: nn.Linear) -> bool:

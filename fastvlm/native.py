@@ -124,7 +124,7 @@ def int8_kernel() -> Any | None:
     """The compiled int8 GEMV op (``torch.ops.fastvlm_native.int8_packed_mm``), or None where it cannot run.
 
     Builds the library on first use (see the module docstring); a failed build warns once and
-    returns None, and so does a CPU with neither AVX-512F nor AVX2 + FMA.
+    returns None, and so does a CPU with neither AVX-512F nor AVX2 + FMA + F16C (the levels of csrc/cpu_isa.h).
     """
     ops = _library()
     if ops is None or ops.int8_gemv_isa() == "none":
@@ -136,10 +136,10 @@ def int8_kernel() -> Any | None:
 def float16_kernel() -> Any | None:
     """The compiled bf16/fp16-weight GEMV op (``torch.ops.fastvlm_native.float16_mm``), or None where it cannot run.
 
-    Like :func:`int8_kernel`: None without the library or on a CPU with neither AVX-512F nor AVX2 + FMA + F16C.
+    None without the library, or on a CPU with neither AVX-512F nor AVX2 + FMA + F16C.
     """
     ops = _library()
-    if ops is None or ops.int8_gemv_isa() == "none":
+    if ops is None or ops.float16_gemv_isa() == "none":
         return None
     return ops.float16_mm
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from unittest.mock import MagicMock
 
 import pytest
 import torch
@@ -38,12 +39,14 @@ def _variant(model: FastVLM, name: str) -> FastVLM:
     return converted
 
 
-def _steps(model: FastVLM, native_layers: bool, steps: int = 5) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Logits of ``steps`` teacher-forced steps of a left-padded batch of 2, and the key buffers after them."""
+def _steps(
+    model: FastVLM, native_layers: bool, steps: int = 5, batch: int = 2
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Logits of ``steps`` teacher-forced steps of a left-padded batch (every other row padded), and the key buffers."""
     vocab = model.config.text.vocab_size
-    ids = torch.randint(10, vocab - 10, (2, 11), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(10, vocab - 10, (batch, 11), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
-    mask[1, :4] = 0
+    mask[1::2, :4] = 0
     with torch.inference_mode():
         inputs = model.prepare_inputs(ids, mask, padding_side="left")
         cache, logits = prefill(model, inputs)
@@ -57,7 +60,7 @@ def _steps(model: FastVLM, native_layers: bool, steps: int = 5) -> tuple[list[to
         for step in range(steps):
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
             out.append(decoder.step(tokens, attention, position))
-            tokens = torch.randint(10, vocab - 10, (2, 1), generator=torch.Generator().manual_seed(step))
+            tokens = torch.randint(10, vocab - 10, (batch, 1), generator=torch.Generator().manual_seed(step))
             position = position + 1
     return out, [k.clone() for k in decoder.buffers.keys]
 
@@ -72,15 +75,24 @@ def test_one_call_gives_the_python_loops_logits_and_cache_bit_for_bit(model: Fas
     assert all(torch.equal(a, b) for a, b in zip(loop_keys, one_keys, strict=True))
 
 
-def test_bf16_layers_where_our_kernel_cannot_run_take_torch_mv_in_both(
-    model: FastVLM, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("kernel", [True, False], ids=["our kernel", "torch.mv"])
+@pytest.mark.parametrize("batch", [1, 17])  # one row; more rows than FLOAT16_KERNEL_MAX_ROWS (F.linear)
+def test_bf16_steps_match_the_loop_on_either_gemv_path_and_past_its_row_limit(
+    model: FastVLM, monkeypatch: pytest.MonkeyPatch, kernel: bool, batch: int
 ) -> None:
+    """The kinds decode_layers runs bf16 layers as (FLOAT16, or MV where our kernel cannot run) against the loop."""
+    assert FLOAT16_KERNEL_MAX_ROWS < 17  # the premise of batch 17
+    if kernel and native.float16_kernel() is None:
+        pytest.skip("our bf16 kernel does not run on this CPU")
+    if not kernel:
+        monkeypatch.setattr(native, "float16_kernel", lambda: None)  # as on a CPU without AVX2
     converted = _variant(model, "bf16")
-    assert set(NativeLayers.build(converted.language_model).kinds) == {FLOAT16}  # type: ignore[union-attr]
-    monkeypatch.setattr(native, "float16_kernel", lambda: None)  # as on a CPU without AVX2
-    assert set(NativeLayers.build(converted.language_model).kinds) == {MV}  # type: ignore[union-attr]
-    loop_logits, loop_keys = _steps(converted, native_layers=False)
-    one_logits, one_keys = _steps(converted, native_layers=True)
+    assert set(NativeLayers.build(converted.language_model).kinds) == {FLOAT16 if kernel else MV}  # type: ignore[union-attr]
+    mv = MagicMock(wraps=torch.mv)
+    monkeypatch.setattr(torch, "mv", mv)
+    loop_logits, loop_keys = _steps(converted, native_layers=False, batch=batch)
+    assert mv.called == (not kernel and batch == 1)  # the loop took torch.mv exactly where it should
+    one_logits, one_keys = _steps(converted, native_layers=True, batch=batch)
     assert all(torch.equal(a, b) for a, b in zip(loop_logits, one_logits, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(loop_keys, one_keys, strict=True))
 

@@ -146,6 +146,7 @@ def test_float16_kernel_agrees_across_instruction_sets_and_with_aten() -> None:
     aten = F.linear(x, weight).float()
     for got in results:
         torch.testing.assert_close(got, aten, rtol=2**-7, atol=1e-2)
+        torch.testing.assert_close(got, results[0], rtol=2**-7, atol=1e-2)  # the sets sum in other orders
     assert torch.equal(_float16_op(torch.zeros(1, 896).bfloat16(), weight), torch.zeros(1, 300).bfloat16())
 
 
@@ -153,7 +154,8 @@ def test_float16_kernel_names_its_bad_inputs() -> None:
     weight = torch.randn(16, 32).bfloat16()
     cases = [
         ((torch.randn(1, 32).bfloat16(), weight.float()), "the weight must be bfloat16 or float16, got Float"),
-        ((torch.randn(1, 32).half(), weight), "x must be 2-D BFloat16, got Half"),
+        ((torch.randn(1, 32).half(), weight), "x must have the weight's dtype BFloat16, got Half"),
+        ((torch.randn(1, 1, 32).bfloat16(), weight), r"x must be 2-D \[M, K\], got 3 dims"),
         ((torch.randn(1, 48).bfloat16(), torch.randn(16, 48).bfloat16().T.contiguous().T), r"not contiguous"),
         ((torch.randn(1, 48).bfloat16(), weight), "x has 48 columns, the weight 32"),
         (

@@ -272,6 +272,24 @@ def test_gemv_linear_gives_linears_result_with_the_same_parameters(dtype: torch.
         torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-2)
 
 
+@pytest.mark.parametrize("in_features", [24, 0])  # not a multiple of 16, and empty: never our kernel
+def test_gemv_linear_sends_widths_our_kernel_cannot_take_to_aten(
+    in_features: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kernel = MagicMock(side_effect=AssertionError("our kernel was called"))
+    monkeypatch.setattr(native, "float16_kernel", lambda: kernel)
+    mv = MagicMock(wraps=torch.mv)
+    monkeypatch.setattr(torch, "mv", mv)
+    linear = torch.nn.Linear(in_features, 8).to(torch.bfloat16)
+    gemv = GemvLinear.from_linear(linear)
+    with torch.no_grad():
+        for rows in (1, 3):
+            x = torch.randn(rows, in_features, dtype=torch.bfloat16)
+            torch.testing.assert_close(gemv(x).float(), linear(x).float(), rtol=2**-7, atol=1e-2)
+    assert not kernel.called
+    assert mv.call_count == (1 if in_features else 0)  # one row of a non-empty width: torch.mv; three rows: F.linear
+
+
 def test_gemv_linear_keeps_autograd_where_a_gradient_is_wanted() -> None:
     """Our kernel has no backward: a one-row bf16 input with gradients on takes ATen's ops, and their gradients."""
     torch.manual_seed(0)

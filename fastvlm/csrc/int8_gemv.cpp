@@ -30,7 +30,7 @@
 // rows wider than kVnniMaxK, take the AVX-512 FMA path (which propagates inf and NaN).
 //
 // Three instruction sets are compiled into the same library and picked at run time: AVX-512 VNNI,
-// AVX-512F (16 fp32 lanes) and AVX2 + FMA (8 lanes). A CPU with none is reported by
+// AVX-512F (16 fp32 lanes) and AVX2 + FMA (8 lanes; detected with F16C, see cpu_isa.h). A CPU with none is reported by
 // int8_gemv_isa() as "none", and the Python side then uses ATen's kernel.
 
 #include "int8_gemv.h"
@@ -273,7 +273,7 @@ at::Tensor int8_packed_mm(const at::Tensor& x, const at::Tensor& packed, const a
               (N + kGroupRows - 1) / kGroupRows, " row groups, the packed weight has ", groups);
   TORCH_CHECK(x.size(1) == K, "int8_packed_mm: x has ", x.size(1), " columns, the weight ", K);
   const Isa chosen = fastvlm::resolve_isa(isa, "int8_gemv");
-  TORCH_CHECK(chosen != Isa::none, "int8_packed_mm: this CPU has neither AVX-512F nor AVX2+FMA");
+  TORCH_CHECK(chosen != Isa::none, "int8_packed_mm: this CPU has neither AVX-512F nor AVX2+FMA+F16C");
   const at::Tensor xc = x.contiguous(), pc = packed.contiguous(), sc = scales.contiguous();
   if (chosen != Isa::vnni) return packed_mm_fma(xc, pc, sc, chosen);
   return K <= kVnniMaxK ? packed_mm_vnni(xc, pc, sc) : packed_mm_fma(xc, pc, sc, Isa::avx512);
