@@ -301,8 +301,7 @@ def _linear_entry(module: Any) -> tuple[int, list[torch.Tensor | None]] | None:
         return None
     if not (isinstance(module, GemvLinear) and module.use_mv and module.weight.dtype in GEMV_DTYPES):
         return LINEAR, [module.weight, None, module.bias]
-    kernel = native.float16_kernel() is not None and module.takes_kernel()
-    return (FLOAT16 if kernel else MV), [module.weight, None, module.bias]
+    return (FLOAT16 if module.float16_kernel() is not None else MV), [module.weight, None, module.bias]
 
 
 def _gather(lm: Qwen2ForCausalLM) -> tuple[list[torch.Tensor | None], list[int]] | str:

@@ -37,6 +37,8 @@ the int8 layer holds ``qweight`` (int8, [N, K] or packed) and ``scales`` ([N]) i
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -112,7 +114,7 @@ class GemvLinear(nn.Linear):
             and 0 < rows <= FLOAT16_KERNEL_MAX_ROWS
             and eager_on_cpu(x)
         ):
-            kernel = native.float16_kernel() if self.takes_kernel() and not _needs_grad(x, self) else None
+            kernel = None if _needs_grad(x, self) else self.float16_kernel()
             if kernel is not None:
                 out = kernel(x.reshape(rows, self.in_features), weight)
             elif rows == 1:
@@ -124,14 +126,15 @@ class GemvLinear(nn.Linear):
             return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, weight, self.bias)
 
-    def takes_kernel(self) -> bool:
-        """Whether few-row inputs of the weight's dtype may run our kernel here (when it is built)."""
-        return (
-            self.use_kernel
-            and self.in_features > 0
-            and self.in_features % FLOAT16_STEP == 0
-            and self.weight.is_contiguous()
-        )
+    def float16_kernel(self) -> Any | None:
+        """Our GEMV op for this layer's few-row inputs of the weight's dtype, or None where it cannot run.
+
+        None when it is not built here, ``use_kernel`` is off, the width is not a positive multiple
+        of 16 or the weight is not contiguous. :mod:`fastvlm.decoding` asks this too, so that its
+        one-call step takes the path :meth:`forward` takes.
+        """
+        fits = self.in_features > 0 and self.in_features % FLOAT16_STEP == 0 and self.weight.is_contiguous()
+        return native.float16_kernel() if self.use_kernel and fits else None
 
 
 def _needs_grad(x: torch.Tensor, layer: nn.Linear) -> bool:
