@@ -69,9 +69,8 @@ from fastvlm.linears import (
     PACKED_KERNEL_MAX_ROWS,
     GemvLinear,
     Int8WeightOnlyLinear,
-    eager_on_cpu,
 )
-from fastvlm.native import SDPA_SHARES_KV_HEADS
+from fastvlm.native import SDPA_SHARES_KV_HEADS, eager_on_cpu
 
 if TYPE_CHECKING:  # model.py imports this module (through generation); the model types are for annotations only
     from transformers import Qwen2ForCausalLM

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvlm import native
+from fastvlm.native import eager_on_cpu
 
 __all__ = [
     "FLOAT16_KERNEL_MAX_ROWS",
@@ -52,7 +53,6 @@ __all__ = [
     "GemvLinear",
     "Int8WeightOnlyLinear",
     "can_pack_rows",
-    "eager_on_cpu",
     "pack_rows",
     "quantize_rows_int8",
     "unpack_rows",
@@ -69,16 +69,6 @@ GEMV_DTYPES = (torch.bfloat16, torch.float16)  # F.linear is as fast as mv for f
 INT8_MAX = 127
 PACK_ROWS, PACK_CHUNK = 8, 16  # the native kernel's block: 8 output rows, 16 weights of each per step
 FLOAT16_STEP = 16  # the bf16/fp16 kernel reads 16 weights of a row per step: widths must be multiples
-
-
-def eager_on_cpu(x: torch.Tensor) -> bool:
-    """Whether ``x`` is on CPU and not being traced (a traced graph must not bake in a shape-dependent branch)."""
-    return (
-        x.device.type == "cpu"
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-    )
 
 
 class GemvLinear(nn.Linear):

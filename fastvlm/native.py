@@ -1,6 +1,6 @@
 """Our own CPU kernels (``fastvlm/csrc``), compiled on this machine the first time they are needed.
 
-One library with three ops under ``torch.ops.fastvlm_native``:
+One library with four ops under ``torch.ops.fastvlm_native``:
 
 - ``int8_packed_mm``, the int8 weight-only GEMV behind :class:`fastvlm.linears.Int8WeightOnlyLinear`
   (``csrc/int8_gemv.cpp``; why ATen's kernel is not enough is written there), C++ with AVX-512
@@ -9,7 +9,10 @@ One library with three ops under ``torch.ops.fastvlm_native``:
   (``csrc/float16_gemv.cpp``), AVX-512F and AVX2 paths (:func:`float16_kernel`);
 - ``decode_layers``, every decoder layer of a one-token step in one call, the same ATen calls
   as :class:`fastvlm.decoding.CachedDecoder`'s Python loop without the interpreter between them
-  (``csrc/decode_layers.cpp``; :func:`decode_layers_kernel`).
+  (``csrc/decode_layers.cpp``; :func:`decode_layers_kernel`);
+- ``depthwise_conv2d``, the fused vision tower's depthwise convolutions on channels-last fp32
+  maps, with a channel multiplier of 1 or 2 read in place (``csrc/depthwise_conv.cpp``;
+  :func:`depthwise_conv_kernel`), AVX-512F and AVX2 paths.
 
 It is built with ``torch.utils.cpp_extension`` (gcc or clang with OpenMP, and ninja) into a
 cache folder keyed by the sources, torch and Python versions, so a machine compiles it once
@@ -18,8 +21,8 @@ cache folder keyed by the sources, torch and Python versions, so a machine compi
 Nothing depends on it being there: on a machine without a compiler, on macOS or Windows, or
 with ``FASTVLM_NATIVE_KERNELS=0``, the accessors return ``None`` (with one warning saying why,
 when a build was tried and failed), the int8 layers run on ATen's kernel, one-row bf16 steps
-on ``torch.mv``, and decode steps take the Python loop, as before. A CPU without AVX2 gets
-``decode_layers`` but not the GEMV kernels.
+on ``torch.mv``, decode steps take the Python loop and the tower's depthwise convolutions take
+oneDNN's, as before. A CPU without AVX2 gets ``decode_layers`` but not the other kernels.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ __all__ = [
     "DISABLE_ENV",
     "SDPA_SHARES_KV_HEADS",
     "decode_layers_kernel",
+    "depthwise_conv_kernel",
+    "eager_on_cpu",
     "float16_kernel",
     "int8_kernel",
     "int8_kernel_isa",
@@ -51,7 +56,12 @@ DISABLE_ENV = "FASTVLM_NATIVE_KERNELS"  # "0" turns our kernels off (the ATen ke
 CACHE_ENV = "FASTVLM_KERNEL_CACHE"  # where compiled kernels live
 CACHE_DIR_ENV = "FASTVLM_CACHE_DIR"  # fastvlm's cache folder (the precision choices live there too)
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "int8_gemv.cpp", CSRC / "float16_gemv.cpp", CSRC / "decode_layers.cpp")  # compiled into one library
+SOURCES = (  # compiled into one library
+    CSRC / "int8_gemv.cpp",
+    CSRC / "float16_gemv.cpp",
+    CSRC / "decode_layers.cpp",
+    CSRC / "depthwise_conv.cpp",
+)
 HEADERS = (CSRC / "cpu_isa.h", CSRC / "int8_gemv.h", CSRC / "float16_gemv.h")
 OP_NAMESPACE = "fastvlm_native"
 STALE_LOCK_S = 600  # a build lock older than this was left by a process that died while compiling
@@ -149,6 +159,31 @@ def decode_layers_kernel() -> Any | None:
     """The compiled op running every decoder layer of a step (``torch.ops.fastvlm_native.decode_layers``), or None."""
     ops = _library()
     return None if ops is None else ops.decode_layers
+
+
+@functools.cache
+def depthwise_conv_kernel() -> Any | None:
+    """The compiled depthwise conv op (``torch.ops.fastvlm_native.depthwise_conv2d``), or None where it cannot run.
+
+    None without the library, or on a CPU with neither AVX-512F nor AVX2 + FMA + F16C.
+    """
+    ops = _library()
+    if ops is None or ops.depthwise_conv_isa() == "none":
+        return None
+    return ops.depthwise_conv2d
+
+
+def eager_on_cpu(x: torch.Tensor) -> bool:
+    """Whether ``x`` is on CPU and not being traced, compiled or exported: where our ops may run.
+
+    A traced graph must not bake in a shape-dependent branch, and exporters do not know our ops.
+    """
+    return (
+        x.device.type == "cpu"
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+    )
 
 
 def _remove_stale_lock(lock: Path) -> None:

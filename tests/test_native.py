@@ -1,4 +1,5 @@
-"""Our compiled CPU kernels (``fastvlm/csrc``, loaded by :mod:`fastvlm.native`): int8 and bf16/fp16 GEMV.
+"""Our compiled CPU kernels (``fastvlm/csrc``, loaded by :mod:`fastvlm.native`): int8 and bf16/fp16 GEMV,
+and the vision tower's depthwise convolutions.
 
 They must build on the machines the project runs on (x86-64 Linux with gcc), give the product
 with the (dequantized) weight to fp32 rounding on each of their instruction sets, name their
@@ -167,6 +168,97 @@ def test_float16_kernel_names_its_bad_inputs() -> None:
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):
             _float16_op(*args)
+
+
+def _depthwise_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int = 1,
+    gelu: bool = False,
+    isa: str = "auto",
+) -> torch.Tensor:
+    return torch.ops.fastvlm_native.depthwise_conv2d(x, weight, bias, stride, gelu, isa)
+
+
+def _depthwise_reference(x, weight, bias, stride, gelu):
+    """The same conv in float64 by torch: input channels repeated for a multiplier of 2, "same" padding."""
+    repeat = weight.shape[0] // x.shape[1]
+    k = weight.shape[-1]
+    out = F.conv2d(
+        x.double().repeat_interleave(repeat, 1),
+        weight.double(),
+        None if bias is None else bias.double(),
+        stride,
+        k // 2,
+        1,
+        weight.shape[0],
+    )
+    return F.gelu(out) if gelu else out
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize(
+    ("channels", "side", "kernel", "stride", "repeat"),
+    [
+        (96, (17, 13), 7, 1, 1),  # whole vectors, strips and borders
+        (33, (6, 7), 5, 1, 1),  # a masked last channel block
+        (20, (9, 11), 3, 2, 2),  # stride 2 with a channel multiplier of 2
+        (7, (3, 2), 7, 2, 2),  # a map smaller than the kernel, odd channels doubled
+        (24, (1, 1), 7, 1, 1),  # one pixel: only the centre tap
+        (18, (8, 8), 3, 2, 1),
+        (40, (20, 19), 7, 2, 2),  # the downsampling convs' shape
+    ],
+)
+def test_depthwise_kernel_equals_the_float64_conv_to_fp32_rounding(
+    isa: str, channels: int, side: tuple[int, int], kernel: int, stride: int, repeat: int
+) -> None:
+    if isa not in _isas():
+        pytest.skip(f"this CPU has no {isa}")
+    torch.manual_seed(channels + kernel)
+    x = torch.randn(2, channels, *side).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(channels * repeat, 1, kernel, kernel), torch.randn(channels * repeat)
+    for b in (bias, None):
+        for gelu in (False, True):
+            got = _depthwise_op(x, weight, b, stride, gelu, isa)
+            exact = _depthwise_reference(x, weight, b, stride, gelu)
+            assert got.shape == exact.shape and got.dtype == torch.float32
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            # fp32 sums of k*k products (+ bias): each rounding within 2^-24 of the running magnitude
+            magnitude = _depthwise_reference(x.abs(), weight.abs(), None if b is None else b.abs(), stride, False)
+            bound = (kernel * kernel + 2) * 2**-24 * magnitude + 1e-6
+            assert ((got.double() - exact).abs() <= bound).all(), (got.double() - exact).abs().max()
+
+
+def test_depthwise_kernel_reads_any_memory_format_and_agrees_across_instruction_sets() -> None:
+    torch.manual_seed(3)
+    x = torch.randn(1, 48, 12, 12)
+    weight, bias = torch.randn(48, 1, 7, 7), torch.randn(48)
+    reference = _depthwise_op(x.contiguous(memory_format=torch.channels_last), weight, bias)
+    torch.testing.assert_close(_depthwise_op(x, weight, bias), reference, rtol=0, atol=0)  # NCHW in: same sums
+    for isa in _isas():
+        if isa != "vnni":
+            torch.testing.assert_close(_depthwise_op(x, weight, bias, isa=isa), reference, rtol=1e-6, atol=1e-5)
+
+
+def test_depthwise_kernel_names_its_bad_inputs() -> None:
+    x, weight = torch.randn(1, 8, 6, 6), torch.randn(8, 1, 3, 3)
+    cases = [
+        ((x.double(), weight.double(), None), "float32 input and weight only, got Double and Double"),
+        ((x[0], weight, None), r"x must be \[N, C, H, W\], got 3 dims"),
+        ((x, torch.randn(8, 2, 3, 3), None), r"the weight must be \[C_out, 1, k, k\], got \[8, 2, 3, 3\]"),
+        ((x, torch.randn(8, 1, 9, 9), None), "kernel side 9 is not compiled in"),
+        ((x, weight, None, 3), "stride must be 1 or 2, got 3"),
+        (
+            (x, torch.randn(24, 1, 3, 3), None),
+            "24 output channels from 8 inputs; expected a channel multiplier of 1 or 2",
+        ),
+        ((x, weight, torch.randn(4)), r"the bias must be float32 \[8\], got \[4\]"),
+        ((x, weight, None, 1, False, "sse2"), "unknown instruction set 'sse2'"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            _depthwise_op(*args)
 
 
 def test_packing_round_trips_and_pads_the_last_group_with_zeros() -> None:

@@ -4,20 +4,24 @@ Both forms run in the same process on the same random weights (latency does not 
 on the values), interleaved call by call. Each row reports, for one device and input
 resolution: visual tokens, GFLOPs, median latency of each form, their ratio, peak
 memory of one call, and the largest difference between the two forms' outputs (a
-guard that the speed-up is not bought with a different function).
+guard that the speed-up is not bought with a different function). Where the fused form
+runs our depthwise kernel (fp32 on a CPU that built it), the same fused tower with torch's
+depthwise convs is timed alongside, interleaved too, for that kernel's own speed-up.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from fastvlm import native
 from fastvlm.measure import count_flops, markdown_table, median_latency_ms, mib, peak_memory_mb
-from fastvlm.vision import FastViTConfig, FastViTHD
+from fastvlm.vision import FastViTConfig, FastViTHD, kernels
 
 # Random BatchNorm statistics: means ~ N(0, 0.1), variances ~ U(0.5, 1.5).
 RUNNING_MEAN_STD = 0.1
@@ -38,6 +42,20 @@ class EncoderRow:
     unfused_peak_mb: float | None
     fused_peak_mb: float | None
     max_rel_diff: float
+    torch_depthwise_ms: float | None = None  # the fused form with torch's depthwise convs, where ours run
+
+
+def _with_torch_depthwise(call: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``call`` with the fused tower's depthwise convs sent to torch's (kernels.NATIVE_DEPTHWISE off)."""
+
+    def run() -> torch.Tensor:
+        saved, kernels.NATIVE_DEPTHWISE = kernels.NATIVE_DEPTHWISE, False
+        try:
+            return call()
+        finally:
+            kernels.NATIVE_DEPTHWISE = saved
+
+    return run
 
 
 def randomize_statistics(model: torch.nn.Module, seed: int = 0, layer_scale_max: float = 0.2) -> None:
@@ -79,7 +97,10 @@ def measure_forms(
         "fused": copy.deepcopy(reference).to(device).fuse(dtype=fused_dtype),
     }
     x = torch.rand(batch, 3, resolution, resolution, device=device)
-    calls = {name: functools.partial(model, x) for name, model in forms.items()}
+    calls: dict[str, Callable[[], torch.Tensor]] = {name: functools.partial(model, x) for name, model in forms.items()}
+    ours_run = device.type == "cpu" and fused_dtype == torch.float32 and native.depthwise_conv_kernel() is not None
+    if ours_run and kernels.NATIVE_DEPTHWISE:
+        calls["torch depthwise"] = _with_torch_depthwise(calls["fused"])
     with torch.inference_mode():
         timings = median_latency_ms(calls, device, warmup=warmup, repeats=repeats)
         peaks = {name: peak_memory_mb(call, device) for name, call in calls.items()}
@@ -101,6 +122,7 @@ def measure_forms(
         unfused_peak_mb=peaks["unfused"],
         fused_peak_mb=peaks["fused"],
         max_rel_diff=diff,
+        torch_depthwise_ms=timings.get("torch depthwise"),
     )
 
 
@@ -142,6 +164,8 @@ def format_table(rows: list[EncoderRow]) -> str:
         ">unfused peak MiB",
         ">fused peak MiB",
         ">max rel diff",
+        ">fused, torch's depthwise ms",
+        ">our depthwise speed-up",
     ]
     cells = [
         [
@@ -156,6 +180,8 @@ def format_table(rows: list[EncoderRow]) -> str:
             mib(r.unfused_peak_mb),
             mib(r.fused_peak_mb),
             f"{r.max_rel_diff:.1e}",
+            "—" if r.torch_depthwise_ms is None else f"{r.torch_depthwise_ms:,.1f}",
+            "—" if r.torch_depthwise_ms is None else f"{r.torch_depthwise_ms / r.fused_ms:.2f}x",
         ]
         for r in rows
     ]

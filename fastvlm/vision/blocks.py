@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvlm.vision.kernels import FusedLinear, pointwise_mlp
+from fastvlm.vision.kernels import FusedLinear, fused_conv, pointwise_mlp
 from fastvlm.vision.mobileone import MobileOneBlock
 from fastvlm.vision.reparam import ConvBN, conv_from, identity_kernel
 
@@ -55,6 +55,7 @@ class RepMixer(nn.Module):
     ) -> None:
         super().__init__()
         self.dim, self.kernel_size = dim, kernel_size
+        self.fused = False  # set by RepMixerBlock.fuse(): the conv runs fused_conv
         if inference_mode:
             self.reparam_conv: nn.Conv2d | None = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
             return
@@ -74,7 +75,7 @@ class RepMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.reparam_conv is not None:
-            return self.reparam_conv(x)
+            return fused_conv(self.reparam_conv, x) if self.fused else self.reparam_conv(x)
         return x + self.layer_scale * (self.mixer(x) - self.norm(x))
 
     @torch.no_grad()
@@ -98,6 +99,7 @@ class RepCPE(nn.Module):
         super().__init__()
         self.dim, self.kernel_size = dim, kernel_size
         conv = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim, bias=True)
+        self.fused = False  # set by fuse(): the conv runs fused_conv
         self.reparam_conv: nn.Conv2d | None
         if inference_mode:
             self.reparam_conv = conv
@@ -107,7 +109,7 @@ class RepCPE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.reparam_conv is not None:
-            return self.reparam_conv(x)
+            return fused_conv(self.reparam_conv, x) if self.fused else self.reparam_conv(x)
         return x + self.pos_conv(x)
 
     @torch.no_grad()
@@ -118,6 +120,11 @@ class RepCPE(nn.Module):
         assert self.pos_conv.bias is not None
         self.reparam_conv = conv_from(weight, self.pos_conv.bias, groups=self.dim)
         del self.pos_conv
+
+    def fuse(self) -> None:
+        """Re-parameterise; run the conv as :func:`~fastvlm.vision.kernels.fused_conv`."""
+        self.reparameterize()
+        self.fused = True
 
 
 # --------------------------------------------------------------------------------------
@@ -149,7 +156,8 @@ class ConvFFN(nn.Module):
                 raise ValueError("ConvFFN adds a residual only in its fused form")
             return self.fc2(self.act(self.fc1(self.conv(x))))
         assert isinstance(self.fc1, FusedLinear) and isinstance(self.fc2, FusedLinear)  # set by fuse()
-        return pointwise_mlp(self.fc1, self.fc2, self.conv(x), residual=residual)
+        assert isinstance(self.conv, nn.Conv2d)  # set by fuse()
+        return pointwise_mlp(self.fc1, self.fc2, fused_conv(self.conv, x), residual=residual)
 
     @torch.no_grad()
     def fuse(self, out_scale: torch.Tensor | None = None) -> None:
@@ -192,6 +200,7 @@ class RepMixerBlock(nn.Module):
 
     def fuse(self) -> None:
         self.token_mixer.reparameterize()
+        self.token_mixer.fused = True
         self.mlp.fuse(self.layer_scale)
         self.layer_scale = None
 

@@ -206,7 +206,7 @@ class FastViT(nn.Module):
         self.reparameterize()
         self.eval()
         for module in self.modules():
-            if isinstance(module, (MobileOneBlock, LargeKernelConv, RepMixerBlock, AttentionBlock)):
+            if isinstance(module, (MobileOneBlock, LargeKernelConv, RepMixerBlock, AttentionBlock, RepCPE)):
                 module.fuse()
         self.requires_grad_(False)
         if dtype is not None:

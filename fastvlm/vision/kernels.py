@@ -10,6 +10,11 @@ maps are small (4x4 at 256 px) and whose weights are large. These are the same o
 ops that ``torch.compile`` (inductor) emits for such patterns; calling them directly
 means the fused tower needs no compilation step.
 
+The depthwise convolutions (RepMixer, ConvFFN, RepCPE, the downsampling ones with a channel
+multiplier of 2) run our own kernel (``fastvlm/csrc/depthwise_conv.cpp``, through
+:func:`fused_conv`) where it is built: oneDNN's reaches about half our rate on the 7x7 ones
+and needs the input copied with its channels repeated for a multiplier of 2.
+
 Everywhere else (GPU, other dtypes, autograd, a torch build without oneDNN) the plain
 PyTorch ops run. Both paths compute the same function up to float rounding.
 """
@@ -17,11 +22,13 @@ PyTorch ops run. Both paths compute the same function up to float rounding.
 from __future__ import annotations
 
 import functools
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastvlm import native
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -71,6 +78,49 @@ def conv_gelu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
             x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, "gelu", [], "none"
         )
     return F.gelu(conv(x))
+
+
+# False sends every depthwise conv of fused_conv to torch's (to measure one path against the other).
+NATIVE_DEPTHWISE = True
+NATIVE_DEPTHWISE_KERNELS = (3, 5, 7)  # kernel sides compiled into csrc/depthwise_conv.cpp
+NATIVE_DEPTHWISE_REPEATS = (1, 2)  # channel multipliers it reads in place
+
+
+def _native_depthwise(conv: nn.Conv2d, x: torch.Tensor, repeat: int) -> Any | None:
+    """Our depthwise op where it computes ``conv(repeat_channels(x, repeat))``, else None."""
+    k = conv.kernel_size[0]
+    fits = (
+        NATIVE_DEPTHWISE
+        and conv.groups == conv.out_channels == conv.in_channels
+        and conv.kernel_size == (k, k)
+        and k in NATIVE_DEPTHWISE_KERNELS
+        and conv.padding == (k // 2, k // 2)
+        and conv.stride in ((1, 1), (2, 2))
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and repeat in NATIVE_DEPTHWISE_REPEATS
+        and x.dim() == 4
+        and x.shape[1] * repeat == conv.out_channels
+        and x.dtype == conv.weight.dtype == torch.float32
+        and (conv.bias is None or conv.bias.dtype == torch.float32)
+        and native.eager_on_cpu(x)
+        and not (torch.is_grad_enabled() and any(p.requires_grad for p in (x, *conv.parameters())))
+    )
+    return native.depthwise_conv_kernel() if fits else None
+
+
+def fused_conv(conv: nn.Conv2d, x: torch.Tensor, *, repeat: int = 1, gelu: bool = False) -> torch.Tensor:
+    """``conv`` (then exact GELU) on ``x`` with each channel repeated ``repeat`` times, channels-last.
+
+    A depthwise ``conv`` (see :func:`as_depthwise`) runs our kernel where it can, which reads the
+    repeated channels in place; anything else repeats them (:func:`repeat_channels`) and runs
+    torch's conv, with the GELU fused by oneDNN where possible (:func:`conv_gelu`).
+    """
+    kernel = _native_depthwise(conv, x, repeat)
+    if kernel is not None:
+        return kernel(x, conv.weight, conv.bias, conv.stride[0], gelu)
+    x = repeat_channels(x, repeat)
+    return conv_gelu(conv, x) if gelu else conv(x)
 
 
 def repeat_channels(x: torch.Tensor, repeats: int) -> torch.Tensor:

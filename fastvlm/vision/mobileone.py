@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvlm.vision.config import DOWNSAMPLE_STRIDE
-from fastvlm.vision.kernels import FusedLinear, as_depthwise, conv_gelu, pointwise_conv, repeat_channels
+from fastvlm.vision.kernels import FusedLinear, as_depthwise, fused_conv, pointwise_conv
 from fastvlm.vision.reparam import ConvBN, conv_from, fold_batchnorm, identity_kernel
 
 
@@ -30,6 +30,13 @@ class SEBlock(nn.Module):
         gate = x.mean(dim=(2, 3), keepdim=True)
         gate = torch.sigmoid(self.expand(F.relu(self.reduce(gate))))
         return x * gate
+
+
+def _fused_conv_se_act(conv: nn.Conv2d, x: torch.Tensor, repeat: int, se: nn.Module, act: nn.Module) -> torch.Tensor:
+    """A fused block's conv, SE and activation: conv and GELU in one kernel when no SE sits between them."""
+    if isinstance(se, nn.Identity):
+        return fused_conv(conv, x, repeat=repeat, gelu=isinstance(act, nn.GELU))
+    return act(se(fused_conv(conv, x, repeat=repeat)))
 
 
 class MobileOneBlock(nn.Module):
@@ -88,13 +95,11 @@ class MobileOneBlock(nn.Module):
         return cast(torch.Tensor, out)  # a training-form block has at least one branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gelu = isinstance(self.act, nn.GELU)
         if self.linear is not None:
-            return pointwise_conv(self.linear, x, gelu=gelu)
-        if self.channel_repeat > 1:
-            x = repeat_channels(x, self.channel_repeat)
-        if self.fused and gelu and isinstance(self.se, nn.Identity) and self.reparam_conv is not None:
-            return conv_gelu(self.reparam_conv, x)
+            return pointwise_conv(self.linear, x, gelu=isinstance(self.act, nn.GELU))
+        if self.fused:
+            assert self.reparam_conv is not None  # the fused form is re-parameterised
+            return _fused_conv_se_act(self.reparam_conv, x, self.channel_repeat, self.se, self.act)
         return self.act(self.se(self.branch_sum(x)))
 
     def fuse(self) -> None:
@@ -177,10 +182,7 @@ class LargeKernelConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             assert self.reparam_conv is not None  # the fused form is re-parameterised
-            x = repeat_channels(x, self.channel_repeat)
-            if isinstance(self.se, nn.Identity):
-                return conv_gelu(self.reparam_conv, x)
-            return self.act(self.se(self.reparam_conv(x)))
+            return _fused_conv_se_act(self.reparam_conv, x, self.channel_repeat, self.se, self.act)
         if self.reparam_conv is not None:
             out = self.reparam_conv(x)
         else:

@@ -9,17 +9,19 @@ import torch
 
 from fastvlm.bench.encoder import format_table, run_encoder_benchmark
 from fastvlm.measure import count_flops, median_latency_ms, peak_memory_mb, write_rows_json
-from fastvlm.vision import FastViTConfig
+from fastvlm.vision import FastViTConfig, kernels
 
 
 def test_encoder_benchmark_rows_on_a_small_tower(tmp_path):
     config = FastViTConfig(depths=(1, 1, 1, 1, 1), widths=(8, 16, 32, 64, 128))
     rows = run_encoder_benchmark([64, 128], ["cpu"], config=config, repeats=1, warmup=0, progress=False)
+    assert kernels.NATIVE_DEPTHWISE  # the torch-depthwise variant switched it back on
     assert [r.resolution for r in rows] == [64, 128]
     assert [r.tokens for r in rows] == [1, 4]
     for r in rows:
         assert r.unfused_ms > 0 and r.fused_ms > 0 and r.speedup == r.unfused_ms / r.fused_ms
         assert r.gflops > 0 and r.max_rel_diff < 1e-4
+        assert r.torch_depthwise_ms is not None and r.torch_depthwise_ms > 0  # CI's machines build our kernel
     assert rows[1].gflops > 3.5 * rows[0].gflops  # FLOPs grow with the pixel count
     assert "| cpu | float32 | 128 | 4 |" in format_table(rows)
     write_rows_json(rows, tmp_path / "out" / "enc.json", {"cpu": "test"})

@@ -1,4 +1,4 @@
-"""Fused epilogues: same results as plain ops, safe to copy, pickle and re-cast."""
+"""Fused epilogues and our depthwise convs: same results as plain ops, safe to copy, pickle and re-cast."""
 
 from __future__ import annotations
 
@@ -6,15 +6,20 @@ import copy
 import io
 import pickle
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastvlm import native
+from fastvlm.vision import kernels
 from fastvlm.vision.kernels import (
     MLP_CHUNK_MIN_TOKENS,
     MLP_CHUNK_TOKENS,
     FusedLinear,
+    as_depthwise,
     conv_gelu,
+    fused_conv,
     onednn_fusion_available,
     pointwise_conv,
     pointwise_mlp,
@@ -74,6 +79,61 @@ def test_conv_gelu_equals_conv_then_gelu():
     x = torch.randn(1, 8, 20, 20).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         assert_close_to_reference(conv_gelu(conv, x), F.gelu(conv(x)))
+
+
+@pytest.fixture
+def depthwise_calls(monkeypatch):
+    """Counts the calls that reach our depthwise op (it must be built here: CI's machines build it)."""
+    op = native.depthwise_conv_kernel()
+    assert op is not None, "the depthwise kernel did not build (see the RuntimeWarning)"
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return op(*args)
+
+    monkeypatch.setattr(native, "depthwise_conv_kernel", lambda: counted)
+    return calls
+
+
+@pytest.mark.parametrize(("in_ch", "out_ch", "kernel", "stride"), [(24, 24, 3, 1), (24, 24, 7, 1), (12, 24, 7, 2)])
+def test_fused_conv_runs_our_depthwise_kernel_and_equals_torch(
+    depthwise_calls, monkeypatch, in_ch, out_ch, kernel, stride
+):
+    torch.manual_seed(kernel)
+    conv = nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, groups=in_ch)  # a multiplier of 2 in the last case
+    depthwise, repeat = as_depthwise(conv)
+    x = torch.randn(2, in_ch, 15, 16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for gelu in (False, True):
+            expected = F.gelu(conv(x)) if gelu else conv(x)
+            ours = fused_conv(depthwise, x, repeat=repeat, gelu=gelu)
+            assert ours.is_contiguous(memory_format=torch.channels_last)
+            assert_close_to_reference(ours, expected)
+    assert len(depthwise_calls) == 2
+    monkeypatch.setattr(kernels, "NATIVE_DEPTHWISE", False)
+    with torch.no_grad():
+        assert_close_to_reference(fused_conv(depthwise, x, repeat=repeat, gelu=True), F.gelu(conv(x)))
+    assert len(depthwise_calls) == 2
+
+
+def test_fused_conv_leaves_other_convs_dtypes_and_autograd_to_torch(depthwise_calls):
+    dense = nn.Conv2d(3, 8, 3, 2, 1)  # the stem's first conv: not depthwise
+    depthwise = nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+    dilated = nn.Conv2d(8, 8, 3, 1, 2, dilation=2, groups=8)
+    x3, x8 = torch.randn(1, 3, 8, 8), torch.randn(1, 8, 8, 8)
+    with torch.no_grad():
+        assert_close_to_reference(fused_conv(dense, x3, gelu=True), F.gelu(dense(x3)))
+        assert_close_to_reference(fused_conv(dilated, x8), dilated(x8))
+        half = depthwise.to(torch.bfloat16)
+        assert_close_to_reference(fused_conv(half, x8.bfloat16()).float(), half(x8.bfloat16()).float())
+        depthwise.float()
+    leaf = x8.clone().requires_grad_()
+    fused_conv(depthwise, leaf).sum().backward()  # our op has no backward: autograd must take torch's
+    expected = torch.autograd.grad(depthwise(x8.clone().requires_grad_()).sum(), depthwise.weight)[0]
+    assert leaf.grad is not None and depthwise.weight.grad is not None
+    assert_close_to_reference(depthwise.weight.grad, expected)
+    assert depthwise_calls == []
 
 
 def test_packed_weight_is_rebuilt_when_the_weight_changes_and_never_copied():
