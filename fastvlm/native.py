@@ -142,16 +142,19 @@ def int8_kernel() -> Any | None:
     return ops.int8_packed_mm
 
 
+def _float_kernel(op: str, isa_query: str) -> Any | None:
+    """``torch.ops.fastvlm_native.<op>``, or None without the library or where ``<isa_query>()`` says "none"
+    (a CPU with neither AVX-512F nor AVX2 + FMA + F16C, the levels of csrc/cpu_isa.h)."""
+    ops = _library()
+    if ops is None or getattr(ops, isa_query)() == "none":
+        return None
+    return getattr(ops, op)
+
+
 @functools.cache
 def float16_kernel() -> Any | None:
-    """The compiled bf16/fp16-weight GEMV op (``torch.ops.fastvlm_native.float16_mm``), or None where it cannot run.
-
-    None without the library, or on a CPU with neither AVX-512F nor AVX2 + FMA + F16C.
-    """
-    ops = _library()
-    if ops is None or ops.float16_gemv_isa() == "none":
-        return None
-    return ops.float16_mm
+    """The compiled bf16/fp16-weight GEMV op (``torch.ops.fastvlm_native.float16_mm``), or None where it cannot run."""
+    return _float_kernel("float16_mm", "float16_gemv_isa")
 
 
 @functools.cache
@@ -163,14 +166,8 @@ def decode_layers_kernel() -> Any | None:
 
 @functools.cache
 def depthwise_conv_kernel() -> Any | None:
-    """The compiled depthwise conv op (``torch.ops.fastvlm_native.depthwise_conv2d``), or None where it cannot run.
-
-    None without the library, or on a CPU with neither AVX-512F nor AVX2 + FMA + F16C.
-    """
-    ops = _library()
-    if ops is None or ops.depthwise_conv_isa() == "none":
-        return None
-    return ops.depthwise_conv2d
+    """The compiled depthwise conv op (``torch.ops.fastvlm_native.depthwise_conv2d``), or None where it cannot run."""
+    return _float_kernel("depthwise_conv2d", "depthwise_conv_isa")
 
 
 def eager_on_cpu(x: torch.Tensor) -> bool:

@@ -30,6 +30,12 @@ inline Isa best_isa() {
   return detected;
 }
 
+// The best level for float kernels: VNNI's integer dot products add nothing to them.
+inline Isa best_float_isa() {
+  const Isa best = best_isa();
+  return best == Isa::vnni ? Isa::avx512 : best;
+}
+
 inline const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::vnni: return "vnni";

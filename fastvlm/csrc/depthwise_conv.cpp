@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -50,6 +51,27 @@ struct Row {
   int64_t Wo, Cout;
   int64_t oh;
 };
+
+// One output row: strips of STRIP neighbouring outputs, then the last outputs one by one; each
+// over every block of LANES channels in turn, so that a strip's outputs are written, and its
+// inputs read, in address order. strip(width, checked, ow, c0, lanes) computes one block of
+// one strip, width an std::integral_constant; checked says that some of its taps fall outside
+// the map (they read zero).
+template <int K, int S, int STRIP, int LANES, typename Strip>
+void walk_row(const Row& r, Strip strip) {
+  constexpr int P = K / 2;
+  // outputs whose taps all fall inside the map: ow*S - P >= 0 and ow*S - P + K - 1 < W
+  const int64_t inner_begin = std::min<int64_t>(r.Wo, (P + S - 1) / S);
+  const int64_t inner_end = r.W - K + P < 0 ? inner_begin
+                                            : std::max(inner_begin, std::min<int64_t>(r.Wo, (r.W - K + P) / S + 1));
+  const auto blocks = [&](auto width, bool checked, int64_t ow) {
+    for (int64_t c0 = 0; c0 < r.Cout; c0 += LANES) strip(width, checked, ow, c0, std::min<int64_t>(LANES, r.Cout - c0));
+  };
+  int64_t ow = 0;
+  for (; ow + STRIP <= r.Wo; ow += STRIP)
+    blocks(std::integral_constant<int, STRIP>{}, ow < inner_begin || ow + STRIP > inner_end, ow);
+  for (; ow < r.Wo; ++ow) blocks(std::integral_constant<int, 1>{}, true, ow);
+}
 
 // ---------------------------------------------------------------------------- AVX-512
 
@@ -103,28 +125,14 @@ __attribute__((target("avx512f"))) void strip_avx512(const Row& r, int64_t ow0, 
 }
 
 template <int K, int S, int M>
-__attribute__((target("avx512f"))) void row_avx512(const Row& r) {
-  constexpr int kStrip = 8, P = K / 2;
-  // outputs whose taps all fall inside the map: ow*S - P >= 0 and ow*S - P + K - 1 < W
-  const int64_t inner_begin = std::min<int64_t>(r.Wo, (P + S - 1) / S);
-  const int64_t inner_end = r.W - K + P < 0 ? inner_begin
-                                            : std::max(inner_begin, std::min<int64_t>(r.Wo, (r.W - K + P) / S + 1));
-  // a strip's channel blocks one after the other: its outputs are written, and its inputs read,
-  // in address order
-  const auto blocks = [&](auto strip, int64_t ow) {
-    for (int64_t c0 = 0; c0 < r.Cout; c0 += 16) {
-      const int64_t lanes = std::min<int64_t>(16, r.Cout - c0);
-      const __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1u);
-      const __mmask16 in_mask = static_cast<__mmask16>((1u << ((lanes + M - 1) / M)) - 1u);
-      strip(r, ow, c0, mask, in_mask);
-    }
-  };
-  int64_t ow = 0;
-  for (; ow + kStrip <= r.Wo; ow += kStrip) {
-    if (ow >= inner_begin && ow + kStrip <= inner_end) blocks(strip_avx512<K, S, M, kStrip, false>, ow);
-    else blocks(strip_avx512<K, S, M, kStrip, true>, ow);
-  }
-  for (; ow < r.Wo; ++ow) blocks(strip_avx512<K, S, M, 1, true>, ow);
+void row_avx512(const Row& r) {
+  walk_row<K, S, 8, 16>(r, [&](auto width, bool checked, int64_t ow, int64_t c0, int64_t lanes) {
+    constexpr int kWidth = decltype(width)::value;
+    const __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1u);
+    const __mmask16 in_mask = static_cast<__mmask16>((1u << ((lanes + M - 1) / M)) - 1u);
+    if (checked) strip_avx512<K, S, M, kWidth, true>(r, ow, c0, mask, in_mask);
+    else strip_avx512<K, S, M, kWidth, false>(r, ow, c0, mask, in_mask);
+  });
 }
 
 // ---------------------------------------------------------------------------- AVX2
@@ -177,20 +185,12 @@ __attribute__((target("avx2,fma"))) void strip_avx2(const Row& r, int64_t ow0, i
 }
 
 template <int K, int S, int M>
-__attribute__((target("avx2,fma"))) void row_avx2(const Row& r) {
-  constexpr int kStrip = 4, P = K / 2;
-  const int64_t inner_begin = std::min<int64_t>(r.Wo, (P + S - 1) / S);
-  const int64_t inner_end = r.W - K + P < 0 ? inner_begin
-                                            : std::max(inner_begin, std::min<int64_t>(r.Wo, (r.W - K + P) / S + 1));
-  const auto blocks = [&](auto strip, int64_t ow) {
-    for (int64_t c0 = 0; c0 < r.Cout; c0 += 8) strip(r, ow, c0, std::min<int64_t>(8, r.Cout - c0));
-  };
-  int64_t ow = 0;
-  for (; ow + kStrip <= r.Wo; ow += kStrip) {
-    if (ow >= inner_begin && ow + kStrip <= inner_end) blocks(strip_avx2<K, S, M, kStrip, false>, ow);
-    else blocks(strip_avx2<K, S, M, kStrip, true>, ow);
-  }
-  for (; ow < r.Wo; ++ow) blocks(strip_avx2<K, S, M, 1, true>, ow);
+void row_avx2(const Row& r) {
+  walk_row<K, S, 4, 8>(r, [&](auto width, bool checked, int64_t ow, int64_t c0, int64_t lanes) {
+    constexpr int kWidth = decltype(width)::value;
+    if (checked) strip_avx2<K, S, M, kWidth, true>(r, ow, c0, lanes);
+    else strip_avx2<K, S, M, kWidth, false>(r, ow, c0, lanes);
+  });
 }
 
 // ---------------------------------------------------------------------------- dispatch
@@ -274,10 +274,8 @@ at::Tensor depthwise_conv2d(const at::Tensor& x, const at::Tensor& weight, const
 
 }  // namespace fastvlm
 
-std::string depthwise_conv_isa() {
-  const Isa best = fastvlm::best_isa();
-  return fastvlm::isa_name(best == Isa::vnni ? Isa::avx512 : best);
-}
+// The instruction set depthwise_conv2d runs here: "avx512", "avx2" or "none".
+std::string depthwise_conv_isa() { return fastvlm::isa_name(fastvlm::best_float_isa()); }
 
 TORCH_LIBRARY_FRAGMENT(fastvlm_native, m) {
   m.def("depthwise_conv2d(Tensor x, Tensor weight, Tensor? bias, int stride=1, bool gelu=False, str isa='auto') -> Tensor");

@@ -208,10 +208,7 @@ at::Tensor float16_mm(const at::Tensor& x, const at::Tensor& weight, const std::
 }  // namespace fastvlm
 
 // The instruction set float16_mm runs here: "avx512", "avx2" or "none" (VNNI adds nothing for float weights).
-std::string float16_gemv_isa() {
-  const Isa best = fastvlm::best_isa();
-  return fastvlm::isa_name(best == Isa::vnni ? Isa::avx512 : best);
-}
+std::string float16_gemv_isa() { return fastvlm::isa_name(fastvlm::best_float_isa()); }
 
 TORCH_LIBRARY_FRAGMENT(fastvlm_native, m) {
   m.def("float16_mm(Tensor x, Tensor weight, str isa='auto') -> Tensor");

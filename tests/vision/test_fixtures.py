@@ -46,19 +46,22 @@ def test_fused_form_reproduces_reference(tower_golden):
 
 
 def test_fused_form_runs_our_depthwise_kernel(tower_golden, monkeypatch):
-    """Every depthwise conv of the fused tiny tower (3x3, 7x7, strided, a multiplier of 2) takes our op."""
+    """Every depthwise conv of the fused tiny tower (3x3, 7x7, strided, a multiplier of 2) takes our op,
+    but the stem's: its GELU is fused by oneDNN, and it has no channels to repeat."""
     from fastvlm import native
 
-    op, shapes = native.depthwise_conv_kernel(), []
+    op, weights = native.depthwise_conv_kernel(), []
     assert op is not None, "the depthwise kernel did not build (see the RuntimeWarning)"
-    monkeypatch.setattr(
-        native, "depthwise_conv_kernel", lambda: lambda *args: shapes.append(args[1].shape) or op(*args)
-    )
+    monkeypatch.setattr(native, "depthwise_conv_kernel", lambda: lambda *args: weights.append(args[1]) or op(*args))
     model = FastViTHD.from_state_dict(fixture_path("apple_tower_tiny", "model.safetensors")).fuse()
     assert_close_to_reference(_run(model, tower_golden["pixel_values"]), tower_golden["image_embeddings"])
-    depthwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.out_channels > 1]
-    assert len(shapes) == len(depthwise) > 0  # one call each for the whole batch
-    assert {shape[-1] for shape in shapes} == {3, 7}
+    depthwise = [
+        m.weight
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Conv2d) and m.groups == m.out_channels > 1 and not name.startswith("stem.")
+    ]
+    assert [id(w) for w in weights] == [id(w) for w in depthwise]  # each once, in the tower's order
+    assert {w.shape[-1] for w in weights} == {3, 7}
 
 
 def test_fused_form_without_onednn_reproduces_reference(tower_golden, monkeypatch):
