@@ -208,6 +208,10 @@ def _depthwise_reference(x, weight, bias, stride, gelu):
         (24, (1, 1), 7, 1, 1),  # one pixel: only the centre tap
         (18, (8, 8), 3, 2, 1),
         (40, (20, 19), 7, 2, 2),  # the downsampling convs' shape
+        (32, (24, 40), 7, 1, 1),  # wide enough for strips with every tap inside the map
+        (16, (40, 41), 7, 2, 2),
+        (24, (20, 21), 5, 2, 1),
+        (16, (20, 40), 3, 1, 2),
     ],
 )
 def test_depthwise_kernel_equals_the_float64_conv_to_fp32_rounding(
@@ -255,6 +259,11 @@ def test_depthwise_kernel_names_its_bad_inputs() -> None:
         ),
         ((x, weight, torch.randn(4)), r"the bias must be float32 \[8\], got \[4\]"),
         ((x, weight, None, 1, False, "sse2"), "unknown instruction set 'sse2'"),
+        (
+            (torch.randn(1, 0, 4, 4), torch.randn(0, 1, 3, 3), None),
+            r"must have channels and pixels, got \[1, 0, 4, 4\]",
+        ),
+        ((torch.randn(1, 8, 0, 5), weight, None, 2), r"must have channels and pixels, got \[1, 8, 0, 5\]"),
     ]
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):

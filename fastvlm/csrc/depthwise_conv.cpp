@@ -10,7 +10,8 @@
 // this kernel reuses along the row instead: for each output row and block of 16 (AVX-512) or 8
 // (AVX2) channels, a strip of 8 (AVX2: 4) neighbouring outputs is accumulated in registers; each
 // input vector of a kernel row is loaded once and multiplied into every output of the strip it
-// touches, with the kernel row's weights held in registers. The weights are re-laid out per call
+// touches, with the kernel row's weights held in registers (AVX-512; AVX2's 16 registers read
+// them from L1 instead). The weights are re-laid out per call
 // as [k][k][channels] (tens of KB) so one vector load reads a tap of a channel block. Borders read
 // zeros (padding k / 2); the channels past the last full block are masked.
 //
@@ -231,6 +232,8 @@ at::Tensor depthwise_conv2d(const at::Tensor& x, const at::Tensor& weight, const
   const int64_t K = weight.size(2), Cin = x.size(1), Cout = weight.size(0);
   TORCH_CHECK(K == 3 || K == 5 || K == 7, "depthwise_conv2d: kernel side ", K, " is not compiled in (3, 5 or 7)");
   TORCH_CHECK(stride == 1 || stride == 2, "depthwise_conv2d: stride must be 1 or 2, got ", stride);
+  TORCH_CHECK(Cin > 0 && x.size(2) > 0 && x.size(3) > 0, "depthwise_conv2d: x must have channels and pixels, got ",
+              x.sizes());
   TORCH_CHECK(Cout == Cin || Cout == 2 * Cin, "depthwise_conv2d: ", Cout, " output channels from ", Cin,
               " inputs; expected a channel multiplier of 1 or 2");
   if (bias.has_value())
@@ -247,8 +250,8 @@ at::Tensor depthwise_conv2d(const at::Tensor& x, const at::Tensor& weight, const
   std::vector<float> taps(K * K * Cpad, 0.0f), shift(Cpad, 0.0f);
   const at::Tensor wc = weight.contiguous();
   const float* wp = wc.data_ptr<float>();
-  for (int64_t c = 0; c < Cout; ++c)
-    for (int64_t t = 0; t < K * K; ++t) taps[t * Cpad + c] = wp[c * K * K + t];
+  for (int64_t t = 0; t < K * K; ++t)
+    for (int64_t c = 0; c < Cout; ++c) taps[t * Cpad + c] = wp[c * K * K + t];
   if (bias.has_value()) {
     const at::Tensor bc = bias->contiguous();
     std::copy(bc.data_ptr<float>(), bc.data_ptr<float>() + Cout, shift.begin());

@@ -55,7 +55,7 @@ class RepMixer(nn.Module):
     ) -> None:
         super().__init__()
         self.dim, self.kernel_size = dim, kernel_size
-        self.fused = False  # set by RepMixerBlock.fuse(): the conv runs fused_conv
+        self.fused = False  # set by fuse(): the conv runs fused_conv
         if inference_mode:
             self.reparam_conv: nn.Conv2d | None = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
             return
@@ -90,6 +90,11 @@ class RepMixer(nn.Module):
         bias = scale.reshape(-1) * (b_mixer - b_norm)
         self.reparam_conv = conv_from(weight, bias, groups=self.dim)
         del self.norm, self.mixer, self.layer_scale
+
+    def fuse(self) -> None:
+        """Re-parameterise; run the conv as :func:`~fastvlm.vision.kernels.fused_conv`."""
+        self.reparameterize()
+        self.fused = True
 
 
 class RepCPE(nn.Module):
@@ -199,8 +204,7 @@ class RepMixerBlock(nn.Module):
         return x + self.layer_scale * self.mlp(x)
 
     def fuse(self) -> None:
-        self.token_mixer.reparameterize()
-        self.token_mixer.fused = True
+        self.token_mixer.fuse()
         self.mlp.fuse(self.layer_scale)
         self.layer_scale = None
 

