@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvlm import native
-from fastvlm.native import eager_on_cpu
+from fastvlm.native import autograd_records, eager_on_cpu
 
 __all__ = [
     "FLOAT16_KERNEL_MAX_ROWS",
@@ -104,7 +104,7 @@ class GemvLinear(nn.Linear):
             and 0 < rows <= FLOAT16_KERNEL_MAX_ROWS
             and eager_on_cpu(x)
         ):
-            kernel = None if _needs_grad(x, self) else self.float16_kernel()
+            kernel = None if autograd_records(x, weight, self.bias) else self.float16_kernel()
             if kernel is not None:
                 out = kernel(x.reshape(rows, self.in_features), weight)
             elif rows == 1:
@@ -125,12 +125,6 @@ class GemvLinear(nn.Linear):
         """
         fits = self.in_features > 0 and self.in_features % FLOAT16_STEP == 0 and self.weight.is_contiguous()
         return native.float16_kernel() if self.use_kernel and fits else None
-
-
-def _needs_grad(x: torch.Tensor, layer: nn.Linear) -> bool:
-    """Whether autograd records this call (our kernels have no backward: such calls keep ATen's ops)."""
-    tensors = (x, layer.weight) if layer.bias is None else (x, layer.weight, layer.bias)
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,6 +43,7 @@ __all__ = [
     "CACHE_ENV",
     "DISABLE_ENV",
     "SDPA_SHARES_KV_HEADS",
+    "autograd_records",
     "decode_layers_kernel",
     "depthwise_conv_kernel",
     "eager_on_cpu",
@@ -136,13 +137,10 @@ def int8_kernel() -> Any | None:
     Builds the library on first use (see the module docstring); a failed build warns once and
     returns None, and so does a CPU with neither AVX-512F nor AVX2 + FMA + F16C (the levels of csrc/cpu_isa.h).
     """
-    ops = _library()
-    if ops is None or ops.int8_gemv_isa() == "none":
-        return None
-    return ops.int8_packed_mm
+    return _kernel_where_supported("int8_packed_mm", "int8_gemv_isa")
 
 
-def _float_kernel(op: str, isa_query: str) -> Any | None:
+def _kernel_where_supported(op: str, isa_query: str) -> Any | None:
     """``torch.ops.fastvlm_native.<op>``, or None without the library or where ``<isa_query>()`` says "none"
     (a CPU with neither AVX-512F nor AVX2 + FMA + F16C, the levels of csrc/cpu_isa.h)."""
     ops = _library()
@@ -154,7 +152,7 @@ def _float_kernel(op: str, isa_query: str) -> Any | None:
 @functools.cache
 def float16_kernel() -> Any | None:
     """The compiled bf16/fp16-weight GEMV op (``torch.ops.fastvlm_native.float16_mm``), or None where it cannot run."""
-    return _float_kernel("float16_mm", "float16_gemv_isa")
+    return _kernel_where_supported("float16_mm", "float16_gemv_isa")
 
 
 @functools.cache
@@ -167,7 +165,13 @@ def decode_layers_kernel() -> Any | None:
 @functools.cache
 def depthwise_conv_kernel() -> Any | None:
     """The compiled depthwise conv op (``torch.ops.fastvlm_native.depthwise_conv2d``), or None where it cannot run."""
-    return _float_kernel("depthwise_conv2d", "depthwise_conv_isa")
+    return _kernel_where_supported("depthwise_conv2d", "depthwise_conv_isa")
+
+
+def autograd_records(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a call on ``tensors`` (None: an absent bias). Our ops have no
+    backward, so such calls keep ATen's."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def eager_on_cpu(x: torch.Tensor) -> bool:

@@ -112,7 +112,7 @@ def _native_depthwise(conv: nn.Conv2d, x: torch.Tensor, repeat: int, gelu: bool)
         and x.numel() > 0
         and not (conv._forward_hooks or conv._forward_pre_hooks)  # our op would skip them
         and native.eager_on_cpu(x)
-        and not (torch.is_grad_enabled() and any(p.requires_grad for p in (x, *conv.parameters())))
+        and not native.autograd_records(x, conv.weight, conv.bias)
     )
     return native.depthwise_conv_kernel() if fits else None
 
