@@ -64,6 +64,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from fastvlm import linears, native
+from fastvlm.greedy_head import greedy_head_of
 from fastvlm.linears import (
     GEMV_DTYPES,
     PACKED_KERNEL_MAX_ROWS,
@@ -222,10 +223,10 @@ class CachedDecoder:
             raise ValueError(f"cannot rewind {steps} of {self.buffers.length} cached positions")
         self.buffers.length -= steps
 
-    def step(
+    def hidden_step(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
     ) -> torch.Tensor:
-        """Logits [B, V] after feeding ``input_ids`` [B, 1] at ``position_ids`` [B, 1].
+        """The head's input [B, 1, H] (the final norm's output) after ``input_ids`` [B, 1] at ``position_ids`` [B, 1].
 
         ``attention_mask`` [B, length + 1] marks the cached positions and the new one (0 for
         left padding); None attends to every position.
@@ -254,7 +255,13 @@ class CachedDecoder:
                 hidden = hidden + self._attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, index, mask)
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         buffers.length = position + 1
-        return self.lm.lm_head(model.norm(hidden))[:, -1]
+        return model.norm(hidden)
+
+    def step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits [B, V] after feeding ``input_ids`` [B, 1] at ``position_ids`` [B, 1] (see :meth:`hidden_step`)."""
+        return self.lm.lm_head(self.hidden_step(input_ids, attention_mask, position_ids))[:, -1]
 
     def _attention(
         self,
@@ -464,6 +471,18 @@ class DecodeSteps:
         return decoder_step(
             self.model, self.cache, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         )
+
+    def greedy(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The next token of each row [B] at temperature 0: the argmax of the logits :meth:`__call__` returns.
+
+        Through the model's :class:`~fastvlm.greedy_head.GreedyHead` where it has one
+        (:func:`~fastvlm.greedy_head.greedy_head_of`), which reads an int8 copy of the head and a few of its rows
+        instead of all of it.
+        """
+        head = greedy_head_of(self.model) if self.decoder is not None else None
+        if head is None or self.decoder is None:
+            return self(input_ids, attention_mask, position_ids).argmax(dim=-1)
+        return head(self.decoder.hidden_step(input_ids, attention_mask, position_ids)[:, -1])
 
     def rewind(self, steps: int) -> None:
         """Forget the last ``steps`` positions (to time the same step again)."""

@@ -86,8 +86,13 @@ class Sampler:
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         return cls(temperature, top_p, generator)
 
+    @property
+    def greedy(self) -> bool:
+        """Whether the next token is the argmax (temperature 0), which needs no logits but the largest."""
+        return self.temperature <= 0
+
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.temperature <= 0:
+        if self.greedy:
             return logits.argmax(dim=-1)
         probs = torch.softmax(logits.float() / self.temperature, dim=-1)
         if self.top_p is not None and 0 < self.top_p < 1:
@@ -213,9 +218,11 @@ def _decode(
             break
         step_start = time.perf_counter()  # the caller's time between tokens is not decode time
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        logits = steps(token[:, None], mask, next_pos)
+        if sample.greedy:
+            token = steps.greedy(token[:, None], mask, next_pos)
+        else:
+            token = sample(steps(token[:, None], mask, next_pos))
         next_pos = next_pos + 1
-        token = sample(logits)
         _sync(model.device)
         timings.decode_ms += (time.perf_counter() - step_start) * 1e3
         decoded += int((~finished).sum())

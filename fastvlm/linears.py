@@ -94,7 +94,14 @@ class GemvLinear(nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
+        return self.multiply(x, self.weight, self.bias)
+
+    def multiply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` times ``weight`` [N, in] (plus ``bias``), by the path :meth:`forward` takes with this layer's settings.
+
+        :meth:`forward` passes the layer's own weight; :mod:`fastvlm.greedy_head` passes a few
+        rows of it, to compute those logits exactly as the whole head computes them.
+        """
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if (
             self.use_mv
@@ -104,17 +111,17 @@ class GemvLinear(nn.Linear):
             and 0 < rows <= FLOAT16_KERNEL_MAX_ROWS
             and eager_on_cpu(x)
         ):
-            kernel = None if autograd_records(x, weight, self.bias) else self.float16_kernel()
+            kernel = None if autograd_records(x, weight, bias) else self.float16_kernel()
             if kernel is not None:
                 out = kernel(x.reshape(rows, self.in_features), weight)
             elif rows == 1:
                 out = torch.mv(weight, x.reshape(-1))
             else:
-                return F.linear(x, weight, self.bias)
-            if self.bias is not None:
-                out = out + self.bias
-            return out.reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, weight, self.bias)
+                return F.linear(x, weight, bias)
+            if bias is not None:
+                out = out + bias
+            return out.reshape(*x.shape[:-1], weight.shape[0])
+        return F.linear(x, weight, bias)
 
     def float16_kernel(self) -> Any | None:
         """Our GEMV op for this layer's few-row inputs of the weight's dtype, or None where it cannot run.

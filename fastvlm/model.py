@@ -34,6 +34,7 @@ from fastvlm.formats import (
     write_checkpoint,
 )
 from fastvlm.formats.base import OUR_LM_HEAD
+from fastvlm.greedy_head import GreedyHead, greedy_head_of
 from fastvlm.processing import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ImageProcessor, PromptError, pad_sequences
 from fastvlm.quantization import check_quantization, quantize_decoder, use_gemv_decode
 from fastvlm.state_dicts import check_state_dict, is_batch_counter, materialize
@@ -128,6 +129,10 @@ class FastVLM(nn.Module):
         self.lean_decode = True
         # ...and with every layer of a step in one call to our compiled op where it can (fastvlm.decoding.NativeLayers)
         self.native_decode = True
+        # Greedy decode steps find the argmax through an int8 screen of the head and a few exact rows
+        # (fastvlm.greedy_head); False: they read the whole head
+        self.screen_greedy_head = True
+        self.greedy_head: GreedyHead | None = None  # made by fastvlm.greedy_head.greedy_head_of, kept here
 
     # ------------------------------------------------------------------ properties
     @property
@@ -396,6 +401,8 @@ class FastVLM(nn.Module):
             from fastvlm.precision import auto_precision
 
             auto_precision(model)
+        if fuse:  # an inference model: its greedy head's int8 screen is made now, not inside the first answer
+            greedy_head_of(model)
         return model
 
     def _finish_loading(self, device: torch.device | str) -> None:

@@ -36,6 +36,7 @@ LAYERS = [
         "fastvlm.decoding",
         "fastvlm.quantization",
         "fastvlm.linears",
+        "fastvlm.greedy_head",
         "fastvlm.precision",
     },
     {"fastvlm.train", "fastvlm.eval", "fastvlm.serve", "fastvlm.export"},

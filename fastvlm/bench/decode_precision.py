@@ -12,7 +12,10 @@ turned off), through ``torch.mv`` (``GemvLinear.use_kernel`` off) and through ou
 the default; int8, with and without the int8 copy of
 the tied head (``int8-head``), on the default kernel (ours, :mod:`fastvlm.native`, where it
 builds) and on ATen's (``aten``); torchao's eager int8 (the old path);
-and torchao int4 with fp32 and with bf16 activations. The variants take turns in each round (so load from
+and torchao int4 with fp32 and with bf16 activations. Greedy steps go through the int8-screened
+head (:mod:`fastvlm.greedy_head`: the head's own argmax, reading an int8 copy and a few rows) as
+``generate`` takes them; ``full head`` variants read the whole head instead
+(``model.screen_greedy_head = False``). The variants take turns in each round (so load from
 other processes spreads over all of them) and each reports the median of its rounds.
 
 The prompt is ``visual_tokens`` random image features plus ``text_tokens`` random text ids,
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastvlm.bench.limits import screened_head_saving
 from fastvlm.decoding import DecodeSteps, prefill
 from fastvlm.generation import generate_tokens
 from fastvlm.linears import GemvLinear
@@ -53,15 +57,18 @@ class Variant:
     gemv_kernel: bool = True  # that kernel ours where built, as every FastVLM (False: torch.mv)
     lean: bool = True  # steps over preallocated KV buffers, as generate takes them (False: transformers' forward)
     native: bool = True  # all layers of a step in one compiled call, as generate takes them (False: a Python loop)
+    screen: bool = True  # greedy steps through the int8-screened head, as generate takes them (False: the whole head)
 
 
 VARIANTS = (
     Variant("fp32", torch.float32),
+    Variant("fp32 full head", torch.float32, screen=False),
     Variant("fp32 python layers", torch.float32, native=False),
     Variant("fp32 transformers step", torch.float32, lean=False),
     Variant("bf16 F.linear", torch.bfloat16, gemv=False),
     Variant("bf16 torch.mv", torch.bfloat16, gemv_kernel=False),
     Variant("bf16", torch.bfloat16),
+    Variant("bf16 full head", torch.bfloat16, screen=False),
     Variant("bf16 python layers", torch.bfloat16, native=False),
     Variant("bf16 transformers step", torch.bfloat16, lean=False),
     Variant("int8", torch.float32, "int8"),
@@ -103,6 +110,7 @@ def build_variant(variant: Variant, llm: str, build: Callable[..., FastVLM] = Fa
             module.use_kernel = variant.gemv_kernel
     model.lean_decode = variant.lean
     model.native_decode = variant.native
+    model.screen_greedy_head = variant.screen
     return model
 
 
@@ -185,7 +193,7 @@ def run_decode_precision(
                 dtype=str(v.dtype).removeprefix("torch."),
                 quantization=v.quantization,
                 kernel=quantization_kernel(model) or "-",
-                step_weight_mb=decode_step_bytes(model) / 1e6,
+                step_weight_mb=(decode_step_bytes(model) - screened_head_saving(model)) / 1e6,
                 tokens_per_s=rate,
                 runs=runs[v.name],
                 vs_fp32=rate / base,

@@ -75,6 +75,7 @@ from fastvlm.bench.limits_report import (
 )
 from fastvlm.decoding import DecodeSteps, cache_argument, prefill
 from fastvlm.dtypes import DTYPES
+from fastvlm.greedy_head import greedy_head_of
 from fastvlm.measure import count_flops, machine_description
 from fastvlm.model import FastVLM
 from fastvlm.presets import resize_text_config
@@ -193,6 +194,12 @@ def decode_step_bytes(text: Qwen2Config, dtype: torch.dtype, kv_tokens: int) -> 
     return decode_weight_bytes(text, dtype) + kv_bytes_per_row(text, dtype, kv_tokens)
 
 
+def screened_head_saving(model: FastVLM) -> int:
+    """Bytes a greedy step of ``model`` reads less through its screened head than through the whole head (0: none)."""
+    screen = greedy_head_of(model)
+    return screen.saved_bytes if screen is not None else 0
+
+
 def floor_config(config: FastVLMConfig) -> FastVLMConfig:
     """``config`` with the decoder's depth and heads kept, its widths cut to :data:`FLOOR_HEAD_DIM`
     per head, a small vocabulary and a tiny tower (``with_tiny_vocab_and_tower``): a decode step
@@ -273,6 +280,7 @@ class _Round:
         inputs = prompt_inputs(model, resolution, text_tokens=self.settings.text_tokens, batch=1)
         ms, kv = self.time_decode(model, inputs, *prefill(model, inputs))
         step_bytes = quantized_step_bytes(model) + kv_bytes_per_row(model.config.text, torch.float32, kv)
+        step_bytes -= screened_head_saving(model)
         self.record("decode", name, Timed(step_bytes, ms), resolution, kv)
         tick(f"{name} {resolution} px decode")
 
@@ -318,13 +326,15 @@ class _Round:
     ) -> None:
         """Decode steps from the prompt's ``cache``, against the bytes each one reads."""
         ms, kv = self.time_decode(model, inputs, cache, prompt_logits)
-        self.record("decode", dtype, Timed(decode_step_bytes(model.config.text, DTYPES[dtype], kv), ms), resolution, kv)
+        step_bytes = decode_step_bytes(model.config.text, DTYPES[dtype], kv) - screened_head_saving(model)
+        self.record("decode", dtype, Timed(step_bytes, ms), resolution, kv)
 
     def time_decode(
         self, model: FastVLM, inputs: ModelInputs, cache: DynamicCache, prompt_logits: torch.Tensor
     ) -> tuple[float, int]:
         """Median ms of greedy steps one after another from the prompt's ``cache``, as generation
-        takes them, and the KV length of the median timed step."""
+        takes them (through the model's int8-screened head where it has one, :mod:`fastvlm.greedy_head`),
+        and the KV length of the median timed step."""
         token = prompt_logits.argmax(-1)  # [1]
         mask = inputs.attention_mask  # [1, L], one column more per step
         position = inputs.position_ids[:, -1:]  # [1, 1]
@@ -335,7 +345,7 @@ class _Round:
             nonlocal token, mask, position
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             position = position + 1
-            token = decode(token[:, None], mask, position).argmax(-1)
+            token = decode.greedy(token[:, None], mask, position)
 
         kv = inputs.inputs_embeds.shape[1] + warmup + steps // 2 + 1  # the KV length of the median timed step
         return median_ms(step, self.device, warmup=warmup, repeats=steps), kv

@@ -73,6 +73,7 @@ class CompareSettings:
     repeats: int = 5  # timed rounds; each generation has its own seeded image and prompt
     warmup: int = 1  # untimed rounds first
     device: str = "cpu"
+    full_head: bool = False  # our greedy steps read the whole head instead of its int8 screen (fastvlm.greedy_head)
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.warmup < 0 or self.text_tokens < 2 or self.new_tokens < 2:
@@ -152,10 +153,15 @@ def load_theirs(folder: Path, dtype: torch.dtype, device: torch.device) -> Any:
     return model
 
 
-def load_ours(folder: Path, dtype: torch.dtype, device: torch.device) -> FastVLM:
-    """Our model from ``folder``: the whole model in ``dtype``, the tower fused in it (our bf16 path)."""
+def load_ours(folder: Path, dtype: torch.dtype, device: torch.device, *, full_head: bool = False) -> FastVLM:
+    """Our model from ``folder``: the whole model in ``dtype``, the tower fused in it (our bf16 path).
+
+    Its greedy steps take the int8-screened head where it runs (:mod:`fastvlm.greedy_head`), as
+    ``generate`` does; ``full_head`` makes them read the whole head.
+    """
     model = FastVLM.from_pretrained(folder, device=device, dtype=dtype, fuse=False)
     model.vision_tower.fuse(dtype=dtype)
+    model.screen_greedy_head = not full_head
     return model
 
 
@@ -387,6 +393,13 @@ def format_report(report: CompareReport) -> str:
         f"{meta['model']}; the same weights loaded by both, one process, calls interleaved; batch 1; "
         f"medians of {n_rounds} rounds after {meta['warmup']} warm-up; pixels given (no preprocessing).",
         f"{machine_line(meta)}; transformers {meta['transformers']}, timm {meta['timm']}.",
+        "Our greedy decode steps read "
+        + (
+            "the whole LM head (--full-head)."
+            if report.settings.get("full_head")
+            else "an int8 copy of the LM head and the few rows that can win (fastvlm.greedy_head: the head's own "
+            "argmax; where it cannot run, the whole head)."
+        ),
         "",
         header,
         "|" + "---|" * 9,
@@ -468,7 +481,8 @@ def run_comparison(
             model = write_random_checkpoint(Path(scratch) / "model", settings.size, settings.resolutions[0])
         for name in settings.dtypes:
             dtype = DTYPE_NAMES[name]
-            ours, theirs = load_ours(model, dtype, device), load_theirs(model, dtype, device)
+            ours = load_ours(model, dtype, device, full_head=settings.full_head)
+            theirs = load_theirs(model, dtype, device)
             for resolution in settings.resolutions:
                 log(f"[{time.perf_counter() - start:6.1f} s] {name} {resolution} px ...")
                 row = measure_pair(ours, theirs, name, resolution, settings)

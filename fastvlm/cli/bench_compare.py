@@ -38,6 +38,9 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per generation (decode and agreement)")
     p.add_argument("--text-tokens", type=int, default=32, help="text tokens around the image")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--full-head", action="store_true", help="our greedy steps read the whole LM head, not its int8 screen"
+    )
     add_threads(p)
     p.add_argument("--out", default="results/vs_transformers", help="folder for vs_transformers.{md,json}")
     p.set_defaults(func=cmd_bench_vs_transformers)
@@ -65,6 +68,7 @@ def cmd_bench_vs_transformers(args: argparse.Namespace) -> None:
         repeats=args.repeats,
         warmup=args.warmup,
         device=args.device,
+        full_head=args.full_head,
     )
     report = run_comparison(settings, args.model, out_dir=Path(args.out))  # written after each row too
     files = write_report(report, Path(args.out))

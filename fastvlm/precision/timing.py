@@ -68,7 +68,7 @@ def _encode_call(model: FastVLM, image: torch.Tensor) -> Callable[[], object]:
 def _decoder_calls(
     model: FastVLM, ids: torch.Tensor, features: torch.Tensor
 ) -> tuple[Callable[[], object], Callable[[], object]]:
-    """(one prefill, one cached decode step) of ``model`` on the image ``features`` and text ``ids``."""
+    """(one prefill, one cached greedy decode step as ``generate`` takes it) of ``model`` on ``features``, ``ids``."""
     from fastvlm.decoding import DecodeSteps, prefill
 
     inputs = model.prepare_inputs(ids, image_features=features.to(model.dtype))
@@ -80,7 +80,7 @@ def _decoder_calls(
     position = torch.full((1, 1), length, device=model.device)
 
     def decode() -> None:
-        steps(token, mask, position)
+        steps.greedy(token, mask, position)  # the int8-screened head where the model has one (fastvlm.greedy_head)
         steps.rewind(1)  # drop the step's token again
 
     return (lambda: prefill(model, inputs)), decode

@@ -17,6 +17,7 @@ grows past the longest live sequence (plus :data:`HEADROOM` positions allocated 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -120,7 +121,18 @@ class DecodeBatch:
 
     def step(self) -> torch.Tensor:
         """Feed every row's last token; the logits of the next one [B, V]."""
+        return self._advance(self.steps)
+
+    def greedy_step(self) -> torch.Tensor:
+        """Feed every row's last token; each row's greedy next token [B] (:meth:`DecodeSteps.greedy`).
+
+        For a batch whose every row decodes at temperature 0: no logits are made, so the
+        model's int8-screened head can find the argmax (:mod:`fastvlm.greedy_head`).
+        """
+        return self._advance(self.steps.greedy)
+
+    def _advance(self, step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(self.attention_mask[:, :1])], dim=-1)
-        logits = self.steps(self.last_tokens[:, None], self.attention_mask, self.next_positions)
+        out = step(self.last_tokens[:, None], self.attention_mask, self.next_positions)
         self.next_positions = self.next_positions + 1
-        return logits
+        return out

@@ -312,8 +312,11 @@ class Engine:
 
     def _advance(self) -> None:
         assert self._batch is not None
-        logits = self._batch.step()
-        tokens = torch.stack([row.sample(logits[i : i + 1])[0] for i, row in enumerate(self._rows)])
+        if all(row.sample.greedy for row in self._rows):  # no logits needed: the screened head may answer
+            tokens = self._batch.greedy_step()
+        else:
+            logits = self._batch.step()
+            tokens = torch.stack([row.sample(logits[i : i + 1])[0] for i, row in enumerate(self._rows)])
         self._batch.last_tokens = tokens
         self._emit(tokens.tolist(), first_new_row=0)
 

@@ -26,7 +26,10 @@ def test_rows_on_a_tiny_model(tiny: None) -> None:
         assert len(r.runs) == 2 and r.tokens_per_s > 0 and r.step_weight_mb > 0
         assert r.vs_fp32 == pytest.approx(r.tokens_per_s / fp32.tokens_per_s)
         assert 0 <= r.greedy_agreement <= 1 and 0 <= r.top1_agreement <= 1
-    assert by_name["bf16"].step_weight_mb == pytest.approx(fp32.step_weight_mb / 2)
+    full = by_name["fp32 full head"]
+    assert by_name["bf16 full head"].step_weight_mb == pytest.approx(full.step_weight_mb / 2)
+    assert fp32.step_weight_mb < full.step_weight_mb  # the screen reads an int8 copy of the head, not the head
+    assert full.greedy_agreement == 1  # the screen's tokens are the whole head's
     int8_head = by_name["int8-head"].step_weight_mb  # the tiny vocabulary's head is most of the bytes here
     assert int8_head < by_name["int8"].step_weight_mb and int8_head < by_name["bf16"].step_weight_mb
     table = decode_precision.format_decode_table(rows)
@@ -44,6 +47,8 @@ def test_each_variant_is_built_as_named(tiny: None) -> None:
     assert isinstance(lm.lm_head, GemvLinear) and not lm.lm_head.use_mv
     assert decode_precision.build_variant(by_name["bf16"], "0.5b").lean_decode
     assert not decode_precision.build_variant(by_name["bf16 transformers step"], "0.5b").lean_decode
+    assert decode_precision.build_variant(by_name["fp32"], "0.5b").screen_greedy_head
+    assert not decode_precision.build_variant(by_name["fp32 full head"], "0.5b").screen_greedy_head
     lm = decode_precision.build_variant(by_name["int8 torchao"], "0.5b").language_model
     assert type(lm.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
 

@@ -21,6 +21,7 @@ from fastvlm.bench.limits import (
 )
 from fastvlm.bench.limits_report import REPORT_JSON, REPORT_MD, Sample, summarize
 from fastvlm.cli import main
+from fastvlm.dtypes import DTYPES
 from fastvlm.model import FastVLM
 
 CPU = torch.device("cpu")
@@ -172,8 +173,13 @@ def test_the_smoke_command_writes_the_table_and_the_json(tmp_path, capsys):
     assert rows[("prefill", "bf16")]["work"] == prefill_flops(config.text, prompt)
     kv = prompt + 1 + 2 // 2 + 1  # one warm-up step, then the middle of two timed steps
     assert rows[("decode", "bf16")]["tokens"] == kv
-    assert rows[("decode", "bf16")]["work"] == decode_step_bytes(config.text, torch.bfloat16, kv)
-    assert rows[("decode", "fp32")]["work"] == decode_step_bytes(config.text, torch.float32, kv)
+    # greedy steps read the head's int8 screen (fastvlm.greedy_head) instead of the head: an int8 copy, bf16
+    # scales and fp32 bounds per row, and every (vocab // 64)-th row checked for changes, for the [vocab, hidden] weight
+    vocab, hidden = config.text.vocab_size, config.text.hidden_size
+    sampled = len(range(0, vocab, max(1, vocab // 64)))
+    for dtype, size in (("bf16", 2), ("fp32", 4)):
+        screened = vocab * hidden + vocab * (2 + 4) + sampled * hidden * size - vocab * hidden * size
+        assert rows[("decode", dtype)]["work"] == decode_step_bytes(config.text, DTYPES[dtype], kv) + screened
     for row in saved["rows"]:
         assert row["min_fraction"] <= row["fraction"] <= row["max_fraction"]
         assert (row["tokens_per_s"] is not None) == (row["stage"] == "decode")
@@ -211,7 +217,7 @@ def test_bad_arguments_fail_before_anything_is_built(flags, message, tmp_path, c
 def test_quantized_decode_is_held_against_the_read_rate_with_its_stored_bytes():
     from fastvlm.bench.gpu_common import kv_bytes_per_row
     from fastvlm.bench.limits import build_quantized
-    from fastvlm.quantization import decode_step_bytes
+    from fastvlm.quantization import decode_step_bytes as stored_step_bytes
 
     settings = LimitSettings.smoke(dtypes=("fp32",), rounds=1)
     assert settings.quantizations == ("int8-head",)
@@ -220,8 +226,10 @@ def test_quantized_decode_is_held_against_the_read_rate_with_its_stored_bytes():
     decode, fp32 = by_kind[("decode", "int8-head")], by_kind[("decode", "fp32")]
     model = build_quantized(settings.llm, settings.resolutions[0], "int8-head")
     assert model.quantization == "int8-head"
-    assert decode.work == decode_step_bytes(model) + kv_bytes_per_row(model.config.text, torch.float32, decode.tokens)
-    assert decode.work < fp32.work / 2  # int8 weights (and the head's copy) against fp32 ones
+    assert decode.work == stored_step_bytes(model) + kv_bytes_per_row(model.config.text, torch.float32, decode.tokens)
+    full_fp32 = decode_step_bytes(model.config.text, torch.float32, decode.tokens)
+    assert decode.work < full_fp32 / 2  # int8 weights (and the head's copy) against fp32 ones
+    assert decode.work < fp32.work  # ... and against fp32 layers with the head's int8 screen
     assert decode.limit_per_s == by_kind[("read", "fp32")].per_s
     assert decode.floor_ms == pytest.approx(1e3 / by_kind[("floor", "int8-head")].per_s)
     assert ("decode", 128, "int8-head") in {(r.stage, r.resolution, r.dtype) for r in report.rows}

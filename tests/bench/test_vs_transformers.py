@@ -169,6 +169,9 @@ def test_the_report_has_the_table_the_targets_and_the_versions_in_markdown_and_j
     assert "float32, 1024 px: TTFT 1.43x shorter (target 1.4x: met)" in markdown
     assert "bfloat16, 1024 px: TTFT 1.43x shorter (target 2.0x: not met), decode 1.67x (target 1.2x: met)" in markdown
     assert "transformers 5.24.0, timm 1.0.31" in markdown and "Test CPU, 2 threads, torch 2.14.1" in markdown
+    assert "Our greedy decode steps read an int8 copy of the LM head" in markdown
+    full_head = CompareReport(meta=meta, settings={"repeats": 3, "full_head": True}, rows=rows)
+    assert "Our greedy decode steps read the whole LM head (--full-head)." in format_report(full_head)
     saved = json.loads((tmp_path / "out" / REPORT_JSON).read_text())
     assert saved["meta"] == meta and len(saved["rows"]) == 2
     first = saved["rows"][0]
@@ -189,6 +192,7 @@ def test_both_models_run_on_the_same_weights_and_agree_in_fp32(tmp_path, capsys)
     assert (fp32["dtype"], bf16["dtype"]) == ("float32", "bfloat16")
     assert (fp32["resolution"], fp32["visual_tokens"], fp32["prompt_tokens"], fp32["rounds"]) == (128, 4, 12, 2)
     assert fp32["first_divergence"] == [None, None]  # same weights, greedy: the same tokens
+    assert saved["settings"]["full_head"] is False  # ours through the int8-screened head, as generate runs
     for row in (fp32, bf16):
         for side in (row["ours"], row["theirs"]):
             assert all(side[k] > 0 for k in ("encoder_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s"))

@@ -97,3 +97,25 @@ def test_a_burst_is_admitted_in_slices_of_the_prefill_budget(model):
     assert len({admitted for admitted, _ in together}) == 1
     assert len({admitted for admitted, _ in sliced}) == 3
     assert [t for _, t in sliced] == [t for _, t in together]
+
+
+def test_greedy_batches_step_through_the_screened_head_and_mixed_ones_do_not(model):
+    image = str(fixture_path("apple_fastvlm_tiny", "image.png"))
+    engine = Engine(model, max_batch_size=4)
+    greedy = _request(model, "What colour is it?", image, 6)
+    sampled = _request(model, "What colour is it?", image, 6)
+    sampled.temperature, sampled.seed = 0.8, 1
+    model.greedy_head = None
+    handles = [engine.submit(greedy), engine.submit(sampled)]  # queued before the engine starts: one batch
+    engine.start()
+    try:
+        mixed = handles[0].tokens()
+        handles[1].tokens()
+        assert engine.peak_running == 2
+        assert model.greedy_head is None  # a row that samples needs every logit: no screen was made or used
+        alone = engine.submit(greedy).tokens()
+        assert alone == mixed
+        screen = model.greedy_head
+        assert screen is not None and screen.calls == len(alone) - 1  # every step after the prefill's token
+    finally:
+        engine.stop()
