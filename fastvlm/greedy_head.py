@@ -240,7 +240,7 @@ class GreedyHead:
         if float(magnitude.max()) > self.largest_safe:  # the head's output might overflow its dtype: ties at inf
             return None
         # ||x||, rounded up past its fp32 summation; times (1 + u_out) for the output rounding of the bound term
-        scale = x.norm(dim=-1, keepdim=True) * ((1 + 2 * self.output_roundoff) * (1 + 1e-4))
+        scale = _row_norms(x)[:, None] * (1 + 2 * self.output_roundoff)
         slack = (self.output_roundoff + _MARGIN) * (magnitude + scale * self.max_row_bound) + self.tiny
         return screened, scale, slack
 
