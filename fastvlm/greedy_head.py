@@ -22,8 +22,8 @@ approximation of it:
    - the head's rounding of its output to its dtype (bf16: 2^-8 relative) and the fp32
      arithmetic of the bound itself, covered by a margin relative to ``max |a|``.
 
-   The per-row part (``k_r``, the three norms above) is computed once, in fp32, and rounded up
-   past its own rounding error.
+   The per-row part (``k_r``, the three norms above; ``||s_r q_r|| <= ||w_r|| + ||w_r - s_r q_r||``)
+   is computed once, in fp32, and rounded up past its own rounding error and underflow.
 3. **Candidates.** The largest logit is at least ``L = a_t - B_t`` (``t`` the screen's
    argmax), so only rows with ``a_r + B_r >= L`` can reach it; a row whose value ties the
    largest is among them too.
@@ -69,6 +69,8 @@ from fastvlm.linears import (
     GemvLinear,
     Int8WeightOnlyLinear,
     can_pack_rows,
+    pack_rows,
+    quantize_rows_int8,
 )
 
 if TYPE_CHECKING:  # model.py imports decoding, which imports this module
@@ -163,20 +165,24 @@ class GreedyHead:
         assert isinstance(head, nn.Linear)
         with torch.no_grad():
             weight = head.weight.detach()
-            width = weight.shape[1]
+            rows, width = weight.shape
             gamma = _summation_bound(width)
             screen_rounding = gamma + 2.0**-27 * math.sqrt(width)
-            screen = Int8WeightOnlyLinear.from_weight(weight, pack=True)
-            scales = screen.scales.float()
-            quantized = screen.int8_weight()
-            bounds = torch.empty(weight.shape[0])
-            for start in range(0, weight.shape[0], _BUILD_CHUNK_ROWS):
-                rows = slice(start, start + _BUILD_CHUNK_ROWS)
-                exact = weight[rows].float()
-                approx = quantized[rows].float() * scales[rows, None]  # exact: 8-bit scale times a 7-bit integer
-                bounds[rows] = (
-                    _row_norms(exact - approx) + gamma * _row_norms(exact) + screen_rounding * _row_norms(approx)
+            quantized = torch.empty(rows, width, dtype=torch.int8)
+            scales = torch.empty(rows, dtype=torch.bfloat16)
+            bounds = torch.empty(rows)
+            for start in range(0, rows, _BUILD_CHUNK_ROWS):  # a chunk at a time: its temporaries stay in cache
+                chunk = slice(start, start + _BUILD_CHUNK_ROWS)
+                exact = weight[chunk].float()
+                quantized[chunk], scales[chunk] = quantize_rows_int8(exact)
+                # w - s q in fp32 (s q itself is exact: an 8-bit scale times a 7-bit integer)
+                rounding = _row_norms(
+                    torch.addcmul(exact, quantized[chunk].float(), scales[chunk, None].float(), value=-1)
                 )
+                norm = _row_norms(exact)
+                # ||s q|| <= ||w|| + ||w - s q||
+                bounds[chunk] = rounding + gamma * norm + screen_rounding * (norm + rounding)
+            screen = Int8WeightOnlyLinear(pack_rows(quantized), scales, None)
         return cls(head, screen, bounds * (1 + 2.0**-10))
 
     def matches(self, head: nn.Module) -> bool:
@@ -287,11 +293,12 @@ def _summation_bound(width: int) -> float:
 
 
 def _row_norms(rows: torch.Tensor) -> torch.Tensor:
-    """Each row's Euclidean norm, in fp32 but scaled by its largest magnitude first, so tiny rows do not underflow."""
-    largest = rows.abs().amax(dim=1, keepdim=True)
-    scaled = rows / torch.where(largest > 0, largest, torch.ones_like(largest))
-    # fp32 norms of n terms within about n 2^-24 of exact; rounded up by far more, and past subnormal rounding
-    return largest.squeeze(1) * scaled.norm(dim=1) * (1 + _summation_bound(rows.shape[1]) * 64) + 2.0**-140
+    """Each row's Euclidean norm in fp32, rounded up: past the summation's rounding, and past underflow.
+
+    Squares below fp32's smallest value are lost (or rounded, as subnormals); over ``n`` terms that
+    takes at most ``sqrt(n) 2^-63`` off a norm, far below the absolute ``2^-40`` added.
+    """
+    return rows.norm(dim=1) * (1 + _summation_bound(rows.shape[1]) * 64) + 2.0**-40
 
 
 def _max_rows(head: nn.Linear) -> int:
