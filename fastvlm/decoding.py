@@ -314,7 +314,7 @@ def _gather(lm: Qwen2ForCausalLM) -> tuple[list[torch.Tensor | None], list[int]]
     """decode_layers' tensors and linear kinds for ``lm``'s layers, or why it cannot run them as they run."""
     if native.decode_layers_kernel() is None:
         return "fastvlm's CPU kernels are not built here (fastvlm.native)"
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    if native.global_hooks_registered():
         return "global module hooks are registered"
     layers = cast(nn.ModuleList, lm.model.layers)
     for name, tensor in [*layers.named_parameters(), *layers.named_buffers()]:
@@ -348,10 +348,9 @@ def _layer_reason(layer: Any) -> str | None:
     if type(layer.mlp.act_fn) not in (SiLUActivation, nn.SiLU):
         return f"has a {type(layer.mlp.act_fn).__name__} activation, not SiLU"
     for module in layer.modules():
-        if module._forward_hooks or module._forward_pre_hooks:
-            return "has forward hooks"
-        if "forward" in vars(module) or hasattr(module, "_hf_hook"):  # a forward replaced on the instance
-            return f"has a {type(module).__name__} whose forward is replaced"
+        reason = native.bypassed_forward(module)
+        if reason is not None:
+            return reason
     return None
 
 
@@ -479,10 +478,9 @@ class DecodeSteps:
         (:func:`~fastvlm.greedy_head.greedy_head_of`), which reads an int8 copy of the head and a few of its rows
         instead of all of it.
         """
-        head = greedy_head_of(self.model) if self.decoder is not None else None
-        if head is None or self.decoder is None:
-            return self(input_ids, attention_mask, position_ids).argmax(dim=-1)
-        return head(self.decoder.hidden_step(input_ids, attention_mask, position_ids)[:, -1])
+        if self.decoder is not None and (head := greedy_head_of(self.model)) is not None:
+            return head(self.decoder.hidden_step(input_ids, attention_mask, position_ids)[:, -1])
+        return self(input_ids, attention_mask, position_ids).argmax(dim=-1)
 
     def rewind(self, steps: int) -> None:
         """Forget the last ``steps`` positions (to time the same step again)."""

@@ -136,9 +136,10 @@ class GreedyHead:
             return f"the head's weight is a {type(weight).__name__}, not a plain tensor"
         if head.bias is not None:
             return "the head has a bias"
-        if head._forward_hooks or head._forward_pre_hooks or "forward" in vars(head) or hasattr(head, "_hf_hook"):
-            return "the head has forward hooks or a replaced forward, which the screen would skip"
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        bypassed = native.bypassed_forward(head)
+        if bypassed is not None:
+            return f"the head {bypassed}, which the screen would skip"
+        if native.global_hooks_registered():
             return "global module hooks are registered, which the screen would skip"
         if weight.device.type != "cpu":
             return f"the head is on {weight.device}; the int8 screen runs on the CPU"
@@ -174,11 +175,10 @@ class GreedyHead:
             for start in range(0, rows, _BUILD_CHUNK_ROWS):  # a chunk at a time: its temporaries stay in cache
                 chunk = slice(start, start + _BUILD_CHUNK_ROWS)
                 exact = weight[chunk].float()
-                quantized[chunk], scales[chunk] = quantize_rows_int8(exact)
+                q, s = quantize_rows_int8(exact)
+                quantized[chunk], scales[chunk] = q, s
                 # w - s q in fp32 (s q itself is exact: an 8-bit scale times a 7-bit integer)
-                rounding = _row_norms(
-                    torch.addcmul(exact, quantized[chunk].float(), scales[chunk, None].float(), value=-1)
-                )
+                rounding = _row_norms(torch.addcmul(exact, q.float(), s.float()[:, None], value=-1))
                 norm = _row_norms(exact)
                 # ||s q|| <= ||w|| + ||w - s q||
                 bounds[chunk] = rounding + gamma * norm + screen_rounding * (norm + rounding)
@@ -206,9 +206,15 @@ class GreedyHead:
         if hidden.dim() != 2 or hidden.shape[1] != self.weight.shape[1]:
             raise ValueError(f"expected hidden states [B, {self.weight.shape[1]}], got {tuple(hidden.shape)}")
         rows = self.candidates(hidden)
-        if rows is None:
+        tokens = None if rows is None else self._argmax_of_rows(hidden, rows)
+        if tokens is None:
             self.fallbacks += 1
             return self.head(hidden).argmax(dim=-1)
+        self.calls += 1
+        return tokens
+
+    def _argmax_of_rows(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """The full head's argmax from the candidate ``rows``' exact logits; None: an fp32 near-tie (run the head)."""
         weight = self.weight[rows]
         if isinstance(self.head, GemvLinear):
             logits = self.head.multiply(hidden, weight)
@@ -216,9 +222,7 @@ class GreedyHead:
             logits = torch.nn.functional.linear(hidden, weight)
         best = logits.argmax(dim=-1)
         if self.check_order and not _order_is_certain(hidden, weight, logits, best):
-            self.fallbacks += 1
-            return self.head(hidden).argmax(dim=-1)
-        self.calls += 1
+            return None
         return rows[best]
 
     def error_bounds(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -278,7 +282,7 @@ def greedy_head_of(model: FastVLM) -> GreedyHead | None:
     """
     head = model.language_model.lm_head
     current = model.greedy_head
-    if current is not None and (not model.screen_greedy_head or current.head is not head):
+    if not model.screen_greedy_head or (current is not None and current.head is not head):
         current = model.greedy_head = None  # turned off or the head replaced: free the int8 copy
     if not model.screen_greedy_head or GreedyHead.unsupported_reason(head) is not None:  # hooks may come and go
         return None

@@ -38,16 +38,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 __all__ = [
     "CACHE_ENV",
     "DISABLE_ENV",
     "SDPA_SHARES_KV_HEADS",
     "autograd_records",
+    "bypassed_forward",
     "decode_layers_kernel",
     "depthwise_conv_kernel",
     "eager_on_cpu",
     "float16_kernel",
+    "global_hooks_registered",
     "int8_kernel",
     "int8_kernel_isa",
     "kernel_cache_dir",
@@ -172,6 +175,23 @@ def autograd_records(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd records a call on ``tensors`` (None: an absent bias). Our ops have no
     backward, so such calls keep ATen's."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def global_hooks_registered() -> bool:
+    """Whether forward hooks are registered for every module: an op of ours run in a module's
+    place would skip them."""
+    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
+def bypassed_forward(module: nn.Module) -> str | None:
+    """What an op of ours run in place of calling ``module`` would skip, said after the module
+    ("has forward hooks"); None: nothing. Its own forward hooks, or a forward replaced on the
+    instance (accelerate's offloading hook among them)."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "has forward hooks"
+    if "forward" in vars(module) or hasattr(module, "_hf_hook"):
+        return f"has a {type(module).__name__} whose forward is replaced"
+    return None
 
 
 def eager_on_cpu(x: torch.Tensor) -> bool:
