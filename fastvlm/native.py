@@ -1,6 +1,6 @@
 """Our own CPU kernels (``fastvlm/csrc``), compiled on this machine the first time they are needed.
 
-One library with four ops under ``torch.ops.fastvlm_native``:
+One library with five ops under ``torch.ops.fastvlm_native``:
 
 - ``int8_packed_mm``, the int8 weight-only GEMV behind :class:`fastvlm.linears.Int8WeightOnlyLinear`
   (``csrc/int8_gemv.cpp``; why ATen's kernel is not enough is written there), C++ with AVX-512
@@ -10,6 +10,10 @@ One library with four ops under ``torch.ops.fastvlm_native``:
 - ``decode_layers``, every decoder layer of a one-token step in one call, the same ATen calls
   as :class:`fastvlm.decoding.CachedDecoder`'s Python loop without the interpreter between them
   (``csrc/decode_layers.cpp``; :func:`decode_layers_kernel`);
+- ``decode_attention``, the attention of a decode step's one new position over the cached keys
+  and values, which both of those step paths call (``csrc/decode_attention.cpp``;
+  :func:`decode_attention_kernel`): ATen's ``scaled_dot_product_attention`` takes 50-100 us a
+  call for a few microseconds of work;
 - ``depthwise_conv2d``, the fused vision tower's depthwise convolutions on channels-last fp32
   maps, with a channel multiplier of 1 or 2 read in place (``csrc/depthwise_conv.cpp``;
   :func:`depthwise_conv_kernel`), AVX-512F and AVX2 paths.
@@ -46,6 +50,7 @@ __all__ = [
     "SDPA_SHARES_KV_HEADS",
     "autograd_records",
     "bypassed_forward",
+    "decode_attention_kernel",
     "decode_layers_kernel",
     "depthwise_conv_kernel",
     "eager_on_cpu",
@@ -64,9 +69,10 @@ SOURCES = (  # compiled into one library
     CSRC / "int8_gemv.cpp",
     CSRC / "float16_gemv.cpp",
     CSRC / "decode_layers.cpp",
+    CSRC / "decode_attention.cpp",
     CSRC / "depthwise_conv.cpp",
 )
-HEADERS = (CSRC / "cpu_isa.h", CSRC / "int8_gemv.h", CSRC / "float16_gemv.h")
+HEADERS = (CSRC / "cpu_isa.h", CSRC / "int8_gemv.h", CSRC / "float16_gemv.h", CSRC / "decode_attention.h")
 OP_NAMESPACE = "fastvlm_native"
 STALE_LOCK_S = 600  # a build lock older than this was left by a process that died while compiling
 # scaled_dot_product_attention takes enable_gqa from torch 2.5; before, the decode steps (Python's and
@@ -163,6 +169,15 @@ def decode_layers_kernel() -> Any | None:
     """The compiled op running every decoder layer of a step (``torch.ops.fastvlm_native.decode_layers``), or None."""
     ops = _library()
     return None if ops is None else ops.decode_layers
+
+
+@functools.cache
+def decode_attention_kernel() -> Any | None:
+    """The compiled attention of one new position over a key/value cache
+    (``torch.ops.fastvlm_native.decode_attention``), or None without the library. It runs
+    ATen's ``scaled_dot_product_attention`` itself for what its kernel does not take."""
+    ops = _library()
+    return None if ops is None else ops.decode_attention
 
 
 @functools.cache

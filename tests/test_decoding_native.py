@@ -111,9 +111,9 @@ def test_generate_takes_it_and_gives_the_reference_greedy_tokens(model: FastVLM,
     calls = []
     original = NativeLayers.__call__
 
-    def recording(self, *args):
+    def recording(self, *args, **kwargs):
         calls.append(args[0].shape[0])
-        return original(self, *args)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(NativeLayers, "__call__", recording)
     image = fixture_path("apple_fastvlm_tiny", "image.png")
@@ -192,7 +192,7 @@ def test_the_op_names_inputs_that_do_not_fit(model: FastVLM) -> None:
     count = text.num_hidden_layers
     full = [torch.zeros(1, kv_heads, 4, head_dim) for _ in range(count)]
     call = layers.kernel
-    args = (layers.kinds, layers.eps, layers.heads, kv_heads, head_dim, layers.scaling, FLOAT16_KERNEL_MAX_ROWS)
+    args = (layers.kinds, layers.eps, layers.heads, kv_heads, head_dim, layers.scaling, FLOAT16_KERNEL_MAX_ROWS, True)
     assert len(layers.scaling) == count  # one per layer
     with torch.inference_mode():
         with pytest.raises(RuntimeError, match="no room for position 4"):

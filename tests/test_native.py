@@ -1,5 +1,5 @@
 """Our compiled CPU kernels (``fastvlm/csrc``, loaded by :mod:`fastvlm.native`): int8 and bf16/fp16 GEMV,
-and the vision tower's depthwise convolutions.
+the vision tower's depthwise convolutions, and a decode step's attention.
 
 They must build on the machines the project runs on (x86-64 Linux with gcc), give the product
 with the (dequantized) weight to fp32 rounding on each of their instruction sets, name their
@@ -268,6 +268,93 @@ def test_depthwise_kernel_names_its_bad_inputs() -> None:
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):
             _depthwise_op(*args)
+
+
+def _attention_inputs(
+    batch: int, heads: int, kv_heads: int, dim: int, length: int, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step's query [B, heads, 1, D] (a transposed view, as the decoder makes it) and the first
+    ``length`` positions of key/value buffers with room for more, as the decode steps pass them."""
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, 1, heads, dim, generator=gen).to(dtype).transpose(1, 2)
+    keys, values = (torch.randn(batch, kv_heads, length + 7, dim, generator=gen).to(dtype) for _ in range(2))
+    return query, keys[:, :, :length], values[:, :, :length]
+
+
+def _exact_attention(query, keys, values, mask, scale) -> torch.Tensor:
+    groups = query.shape[1] // keys.shape[1]
+    keys, values = (t.double().repeat_interleave(groups, dim=1) for t in (keys, values))
+    scores = (query.double() @ keys.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ values
+
+
+@pytest.mark.skipif(native.decode_attention_kernel() is None, reason="fastvlm's CPU kernels did not build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "dim", "length"),
+    [
+        (1, 14, 2, 64, 300),  # FastVLM-0.5B after a 256-token image and some text: two threads
+        (1, 12, 2, 128, 1500),  # 1.5B's heads, a long context
+        (3, 4, 2, 16, 17),  # the fixtures' heads, a small batch: one thread
+        (2, 18, 1, 8, 40),  # 18 query heads on one key/value head: three passes of 8, the last partial
+        (1, 2, 2, 8, 1),  # no shared heads, the first position only
+    ],
+)
+def test_decode_attention_is_the_exact_attention_to_fp32_rounding(batch, heads, kv_heads, dim, length, dtype) -> None:
+    """Against float64 softmax(q k^T s) v on the same (rounded) inputs, with and without a padding mask.
+
+    fp32 products, sums and exp leave the output within 1e-5 of the values' largest magnitude (the
+    length-1500 case is 1e-6 off); a bf16/fp16 output adds its own rounding, half a step of the output's dtype.
+    """
+    op = native.decode_attention_kernel()
+    query, keys, values = _attention_inputs(batch, heads, kv_heads, dim, length, dtype)
+    attend = torch.ones(batch, length, dtype=torch.bool)
+    attend[1::2, : length // 2] = False  # left padding on every other row
+    for mask in (None, attend[:, None, None, :], attend[:1, None, None, :]):
+        with torch.inference_mode():
+            out = op(query, keys, values, mask, 0.125)
+        exact = _exact_attention(query, keys, values, mask, 0.125)
+        assert out.shape == (batch, heads, 1, dim) and out.dtype == dtype and out.is_contiguous()
+        bound = 1e-5 * values.abs().max().item() + torch.finfo(dtype).eps / 2 * exact.abs().max().item()
+        assert (out.double() - exact).abs().max().item() <= bound
+
+
+@pytest.mark.skipif(native.decode_attention_kernel() is None, reason="fastvlm's CPU kernels did not build")
+def test_decode_attention_leaves_what_its_kernel_does_not_take_to_aten() -> None:
+    """Turned off, float64, a head width that is not a multiple of 8 or a float mask: the op returns
+    ATen's scaled_dot_product_attention of the same arguments, bit for bit."""
+    op = native.decode_attention_kernel()
+    query, keys, values = _attention_inputs(2, 4, 2, 16, 9, torch.float32)
+    attend = torch.tensor([[True] * 9, [False] * 3 + [True] * 6])[:, None, None, :]
+    additive = torch.zeros(2, 1, 1, 9).masked_fill(~attend, float("-inf"))
+
+    def aten(q, k, v, m):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.25, enable_gqa=True)
+
+    cases = [
+        ((query, keys, values, attend), {"kernel": False}),
+        ((query.double(), keys.double(), values.double(), attend), {}),
+        ((query[..., :12], keys[..., :12], values[..., :12], attend), {}),
+        ((query, keys, values, additive), {}),
+    ]
+    for (q, k, v, m), options in cases:
+        with torch.inference_mode():
+            assert torch.equal(op(q, k, v, m, 0.25, **options), aten(q, k, v, m))
+    with torch.inference_mode():  # the kernel itself differs from ATen's in the last bits, so the cases above are real
+        kernel_out = op(query, keys, values, attend, 0.25)
+    assert not torch.equal(kernel_out, aten(query, keys, values, attend))
+
+
+@pytest.mark.skipif(native.decode_attention_kernel() is None, reason="fastvlm's CPU kernels did not build")
+def test_decode_attention_of_a_row_with_nothing_to_attend_is_nan() -> None:
+    """Softmax over no position is 0/0, as ATen's math attention gives; the other rows are unaffected."""
+    query, keys, values = _attention_inputs(2, 4, 2, 16, 5, torch.float32)
+    attend = torch.tensor([[True] * 5, [False] * 5])[:, None, None, :]
+    with torch.inference_mode():
+        out = native.decode_attention_kernel()(query, keys, values, attend, 0.25)
+    assert out[1].isnan().all() and not out[0].isnan().any()
 
 
 def test_packing_round_trips_and_pads_the_last_group_with_zeros() -> None:

@@ -15,7 +15,9 @@ builds) and on ATen's (``aten``); torchao's eager int8 (the old path);
 and torchao int4 with fp32 and with bf16 activations. Greedy steps go through the int8-screened
 head (:mod:`fastvlm.greedy_head`: the head's own argmax, reading an int8 copy and a few rows) as
 ``generate`` takes them; ``full head`` variants read the whole head instead
-(``model.screen_greedy_head = False``). The variants take turns in each round (so load from
+(``model.screen_greedy_head = False``). Attention runs through our decode kernel
+(:func:`fastvlm.native.decode_attention_kernel`), ``aten attention`` variants through ATen's
+``scaled_dot_product_attention`` (``model.native_attention = False``). The variants take turns in each round (so load from
 other processes spreads over all of them) and each reports the median of its rounds.
 
 The prompt is ``visual_tokens`` random image features plus ``text_tokens`` random text ids,
@@ -58,11 +60,13 @@ class Variant:
     lean: bool = True  # steps over preallocated KV buffers, as generate takes them (False: transformers' forward)
     native: bool = True  # all layers of a step in one compiled call, as generate takes them (False: a Python loop)
     screen: bool = True  # greedy steps through the int8-screened head, as generate takes them (False: the whole head)
+    attention: bool = True  # attention through our decode kernel, as generate takes it (False: ATen's SDPA)
 
 
 VARIANTS = (
     Variant("fp32", torch.float32),
     Variant("fp32 full head", torch.float32, screen=False),
+    Variant("fp32 aten attention", torch.float32, attention=False),
     Variant("fp32 python layers", torch.float32, native=False),
     Variant("fp32 transformers step", torch.float32, lean=False),
     Variant("bf16 F.linear", torch.bfloat16, gemv=False),
@@ -74,6 +78,7 @@ VARIANTS = (
     Variant("int8", torch.float32, "int8"),
     Variant("int8 aten", torch.float32, "int8", "aten"),
     Variant("int8-head", torch.float32, "int8-head"),
+    Variant("int8-head aten attention", torch.float32, "int8-head", attention=False),
     Variant("int8-head python layers", torch.float32, "int8-head", native=False),
     Variant("int8-head aten", torch.float32, "int8-head", "aten"),
     Variant("int8-head bf16", torch.bfloat16, "int8-head"),
@@ -111,6 +116,7 @@ def build_variant(variant: Variant, llm: str, build: Callable[..., FastVLM] = Fa
     model.lean_decode = variant.lean
     model.native_decode = variant.native
     model.screen_greedy_head = variant.screen
+    model.native_attention = variant.attention
     return model
 
 

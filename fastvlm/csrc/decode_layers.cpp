@@ -4,10 +4,10 @@
 // weight reads (norms, rotary embedding, the key/value write, attention, residual adds). From
 // Python each costs a few microseconds of interpreter and dispatch on top of its work, which
 // adds up to about 10 ms a step on a 2-core Xeon: a third of an int8 step. This function makes
-// the same ATen calls, in the same order and with the same arguments, as
-// fastvlm.decoding.CachedDecoder's Python loop (transformers' Qwen2RMSNorm, rotary embedding and
-// MLP, and the linear layers' own forwards), so its results are bit for bit those of that loop,
-// and only the overhead goes. The tests compare the two with torch.equal.
+// the same calls, in the same order and with the same arguments, as fastvlm.decoding.CachedDecoder's
+// Python loop (transformers' Qwen2RMSNorm, rotary embedding and MLP, the linear layers' own forwards,
+// and decode_attention.cpp's attention), so its results are bit for bit those of that loop, and only
+// the overhead goes. The tests compare the two with torch.equal.
 //
 // Each linear layer arrives as three tensors (weight, scales, bias) and a kind saying which
 // forward it mirrors:
@@ -28,6 +28,7 @@
 #include <optional>
 #include <vector>
 
+#include "decode_attention.h"
 #include "float16_gemv.h"
 #include "int8_gemv.h"
 
@@ -124,7 +125,7 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos_in, 
                          const std::optional<at::Tensor>& mask, at::TensorList keys, at::TensorList values,
                          int64_t length, const Tensors& tensors, c10::IntArrayRef kinds, c10::ArrayRef<double> eps,
                          int64_t heads, int64_t kv_heads, int64_t head_dim, c10::ArrayRef<double> scaling,
-                         int64_t float16_max_rows) {
+                         int64_t float16_max_rows, bool native_attention) {
   const int64_t layers = static_cast<int64_t>(keys.size());
   TORCH_CHECK(static_cast<int64_t>(values.size()) == layers, "decode_layers: ", keys.size(), " key buffers but ",
               values.size(), " value buffers");
@@ -145,7 +146,6 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos_in, 
   const Layers weights(tensors, kinds, float16_max_rows);
   const int64_t batch = hidden_in.size(0), end = length + 1;
   const at::Tensor cos = cos_in.unsqueeze(1), sin = sin_in.unsqueeze(1);
-  const bool share_kv_heads = kv_heads != heads;
   at::Tensor hidden = hidden_in;
   for (int64_t i = 0; i < layers; ++i) {
     const at::Tensor x = rms_norm(hidden, weights.tensor(i, kTensorsPerLayer - 2), eps[2 * i]);
@@ -154,18 +154,9 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos_in, 
     const at::Tensor value = weights.linear(i, kV, x).view({batch, 1, kv_heads, head_dim}).transpose(1, 2);
     keys[i].slice(2, length, end).copy_(rotate(key, cos, sin));
     values[i].slice(2, length, end).copy_(value);
-    at::Tensor cached_keys = keys[i].slice(2, 0, end), cached_values = values[i].slice(2, 0, end);
-#if FASTVLM_SDPA_GQA
-    const at::Tensor attended = at::scaled_dot_product_attention(rotate(query, cos, sin), cached_keys, cached_values,
-                                                                 mask, 0.0, /*is_causal=*/false, scaling[i], share_kv_heads);
-#else  // torch < 2.5: the heads repeated, as the Python loop does there
-    if (share_kv_heads) {
-      cached_keys = cached_keys.repeat_interleave(heads / kv_heads, 1);
-      cached_values = cached_values.repeat_interleave(heads / kv_heads, 1);
-    }
-    const at::Tensor attended = at::scaled_dot_product_attention(rotate(query, cos, sin), cached_keys, cached_values,
-                                                                 mask, 0.0, /*is_causal=*/false, scaling[i]);
-#endif
+    const at::Tensor attended = fastvlm::decode_attention(rotate(query, cos, sin), keys[i].slice(2, 0, end),
+                                                         values[i].slice(2, 0, end), mask, scaling[i],
+                                                         native_attention);
     hidden = hidden + weights.linear(i, kO, attended.transpose(1, 2).reshape({batch, 1, heads * head_dim}));
     const at::Tensor y = rms_norm(hidden, weights.tensor(i, kTensorsPerLayer - 1), eps[2 * i + 1]);
     hidden = hidden + weights.linear(i, kDown, at::silu(weights.linear(i, kGate, y)) * weights.linear(i, kUp, y));
@@ -179,7 +170,7 @@ TORCH_LIBRARY_FRAGMENT(fastvlm_native, m) {
   m.def(
       "decode_layers(Tensor hidden, Tensor cos, Tensor sin, Tensor? mask, Tensor(a!)[] keys, Tensor(b!)[] values, int length, "
       "Tensor?[] tensors, int[] kinds, float[] eps, int heads, int kv_heads, int head_dim, float[] scaling, "
-      "int float16_max_rows) -> Tensor");
+      "int float16_max_rows, bool native_attention) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastvlm_native, CPU, m) { m.impl("decode_layers", decode_layers); }

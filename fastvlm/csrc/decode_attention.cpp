@@ -1,0 +1,256 @@
+// Attention of one new query position over the key/value cache, for batch decode steps.
+//
+// A decode step attends each of its rows' one new query to every cached position. The work is
+// small (FastVLM-0.5B after a 300-token prompt: 14 heads x 300 positions x 64 dims, about half a
+// million multiply-adds per layer, a few microseconds), but ATen's scaled_dot_product_attention
+// takes 50-100 us a call for it on a 2-core Xeon (its flash kernel blocks for long queries, and
+// the call sets up that machinery), 1.3-2.4 ms a step over 24 layers, and about 0.1 us more per
+// cached position: 240 us a layer at 2,000 positions. Here the same attention is three plain passes:
+//
+//   1. scores[g, j] = (q_g . k_j) * scale for the query heads g sharing a key/value head, -inf
+//      where the mask says not to attend (the key row is widened to fp32 once for all of them);
+//   2. softmax over j (ATen's, one call for all rows and heads: its vectorized exp);
+//   3. out_g = sum_j p[g, j] v_j, accumulated in fp32 and rounded to the query's dtype once.
+//
+// Products and sums are fp32 for every input dtype (fp32, bf16, fp16), with 8-lane AVX2 FMAs
+// (head dims are multiples of 8: 64 and 128 in Qwen2). A row whose every position is masked
+// gets NaN, as softmax over nothing. Anything else (another dtype or layout, a float mask, a CPU
+// without AVX2, FMA and F16C) goes to ATen's scaled_dot_product_attention with the same
+// arguments, so callers need no case analysis. It has no backward: callers keep ATen's attention
+// where autograd records. fastvlm.decoding's Python loop and
+// decode_layers.cpp both call this function, so their steps stay bit for bit alike.
+
+#include "decode_attention.h"
+
+#include "cpu_isa.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLanes = 8;              // fp32 lanes of an AVX2 register
+constexpr int64_t kHeadsPerPass = 8;       // query heads of one key/value head taken at once (one register each)
+constexpr int64_t kMaxHeadDim = 512;       // the widest head taken
+constexpr int64_t kSerialWork = int64_t(1) << 17;  // multiply-adds below which one thread does the whole call
+
+// Eight consecutive elements of a row, widened to fp32.
+template <typename T>
+__m256 load8(const T* p);
+
+template <>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8<float>(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+
+template <>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8<c10::BFloat16>(const c10::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));  // bf16 is fp32's top half
+}
+
+template <>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8<c10::Half>(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Lane g of the result is the sum of the 8 lanes of a[g].
+__attribute__((target("avx2,fma,f16c"))) inline __m256 transpose_sum(const __m256* a) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// e^x for x <= 0 (softmax's shifted scores), lane by lane: 2^n e^r with n = round(x / ln 2) and
+// |r| <= ln(2) / 2, e^r by its degree-7 Taylor polynomial (truncation below 2^-27 relative there);
+// ln 2 split in two so that r is exact. x below -87 gives 0, -inf gives 0 and NaN gives NaN.
+__attribute__((target("avx2,fma,f16c"))) inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // a NaN x (no position attended: -inf - -inf) stays NaN
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2's first 11 bits: n * it is exact
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);      // the rest of ln 2
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(exponent)));
+}
+
+// Element (b, h, j, d) of a [B, H, L, D] tensor with unit stride in d.
+struct Layout {
+  int64_t batch, head, position;
+  static Layout of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+};
+
+struct Shape {
+  int64_t batch, heads, kv_heads, group, length, dim;
+  int64_t passes() const { return (group + kHeadsPerPass - 1) / kHeadsPerPass; }
+};
+
+// One task: query heads [first, first + count) of batch row b, all sharing key/value head kv.
+// scores holds [length][8]: position j's scores for the 8 heads side by side, so that each of
+// the passes below works on whole registers, one head per lane.
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) void attend_heads(const T* query, Layout q, const T* keys, Layout k,
+                                                         const T* values, Layout v, const bool* mask, int64_t mask_batch,
+                                                         int64_t mask_position, const Shape& s, float scale, int64_t task,
+                                                         T* out) {
+  const int64_t pass = task % s.passes(), b = task / s.passes() / s.kv_heads, kv = task / s.passes() % s.kv_heads;
+  const int64_t first = kv * s.group + pass * kHeadsPerPass, count = std::min(kHeadsPerPass, s.group - pass * kHeadsPerPass);
+  const int64_t D = s.dim, L = s.length;
+  std::vector<float> queries(kHeadsPerPass * D, 0.0f), scores(L * kHeadsPerPass);
+  for (int64_t g = 0; g < count; ++g)
+    for (int64_t d = 0; d < D; d += kLanes)
+      _mm256_storeu_ps(queries.data() + g * D + d, load8(query + b * q.batch + (first + g) * q.head + d));
+  const T* key_rows = keys + b * k.batch + kv * k.head;
+  const T* value_rows = values + b * v.batch + kv * v.head;
+  const bool* attend = mask == nullptr ? nullptr : mask + b * mask_batch;
+
+  // 1. scores, and their largest per head
+  const __m256 scales = _mm256_set1_ps(scale), minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 largest = minus_inf;
+  for (int64_t j = 0; j < L; ++j) {
+    __m256 score = minus_inf;
+    if (attend == nullptr || attend[j * mask_position]) {
+      __m256 sums[kHeadsPerPass];
+      for (int64_t g = 0; g < kHeadsPerPass; ++g) sums[g] = _mm256_setzero_ps();
+      const T* key = key_rows + j * k.position;
+      for (int64_t d = 0; d < D; d += kLanes) {
+        const __m256 key8 = load8(key + d);
+        for (int64_t g = 0; g < kHeadsPerPass; ++g)
+          sums[g] = _mm256_fmadd_ps(_mm256_loadu_ps(queries.data() + g * D + d), key8, sums[g]);
+      }
+      score = _mm256_mul_ps(transpose_sum(sums), scales);
+      largest = _mm256_max_ps(largest, score);
+    }
+    _mm256_storeu_ps(scores.data() + j * kHeadsPerPass, score);
+  }
+  // 2. p = e^(score - largest) and their sum per head (masked positions: e^-inf = 0; none attended: NaN)
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t j = 0; j < L; ++j) {
+    float* row = scores.data() + j * kHeadsPerPass;
+    const __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row), largest));
+    _mm256_storeu_ps(row, p);
+    total = _mm256_add_ps(total, p);
+  }
+  // 3. out_g = sum_j p[j, g] v_j / total_g, eight dims of all heads at a time
+  alignas(32) float totals[kHeadsPerPass];
+  _mm256_store_ps(totals, total);
+  for (int64_t d = 0; d < D; d += kLanes) {
+    __m256 sums[kHeadsPerPass];
+    for (int64_t g = 0; g < kHeadsPerPass; ++g) sums[g] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < L; ++j) {
+      const __m256 value8 = load8(value_rows + j * v.position + d);
+      const float* p = scores.data() + j * kHeadsPerPass;
+      for (int64_t g = 0; g < kHeadsPerPass; ++g) sums[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g), value8, sums[g]);
+    }
+    for (int64_t g = 0; g < count; ++g) {
+      alignas(32) float lanes[kLanes];
+      _mm256_store_ps(lanes, _mm256_div_ps(sums[g], _mm256_set1_ps(totals[g])));
+      T* row = out + (b * s.heads + first + g) * D + d;  // out is [B, heads, 1, D], contiguous
+      for (int64_t i = 0; i < kLanes; ++i) row[i] = static_cast<T>(lanes[i]);
+    }
+  }
+}
+
+template <typename T>
+at::Tensor attend(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                  const std::optional<at::Tensor>& mask, double scale, const Shape& s) {
+  at::Tensor out = at::empty({s.batch, s.heads, 1, s.dim}, query.options());
+  const T* q = query.data_ptr<T>();
+  const T* k = keys.data_ptr<T>();
+  const T* v = values.data_ptr<T>();
+  const bool* m = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+  const int64_t mask_batch = m != nullptr && mask->size(0) > 1 ? mask->stride(0) : 0;
+  const int64_t mask_position = m != nullptr ? mask->stride(3) : 0;
+  const Layout q_layout = Layout::of(query), k_layout = Layout::of(keys), v_layout = Layout::of(values);
+  const int64_t tasks = s.batch * s.kv_heads * s.passes();
+  const int64_t grain = 2 * s.heads * s.batch * s.length * s.dim < kSerialWork ? tasks : 1;
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task)
+      attend_heads(q, q_layout, k, k_layout, v, v_layout, m, mask_batch, mask_position, s, static_cast<float>(scale),
+                   task, o);
+  });
+  return out;
+}
+
+// ATen's attention with the same arguments (the shared key/value heads repeated before torch 2.5).
+at::Tensor aten_attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                          const std::optional<at::Tensor>& mask, double scale) {
+  const bool share_kv_heads = keys.dim() == 4 && query.dim() == 4 && keys.size(1) != query.size(1);
+#if FASTVLM_SDPA_GQA
+  return at::scaled_dot_product_attention(query, keys, values, mask, 0.0, /*is_causal=*/false, scale, share_kv_heads);
+#else
+  if (share_kv_heads) {
+    const int64_t groups = query.size(1) / keys.size(1);
+    return at::scaled_dot_product_attention(query, keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1),
+                                            mask, 0.0, /*is_causal=*/false, scale);
+  }
+  return at::scaled_dot_product_attention(query, keys, values, mask, 0.0, /*is_causal=*/false, scale);
+#endif
+}
+
+// Whether the kernel takes these inputs (see the header): else ATen's attention runs.
+bool kernel_takes(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                  const std::optional<at::Tensor>& mask) {
+  if (fastvlm::best_isa() == fastvlm::Isa::none) return false;
+  if (query.dim() != 4 || keys.dim() != 4 || values.dim() != 4 || query.size(2) != 1) return false;
+  const at::ScalarType dtype = query.scalar_type();
+  if ((dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) || keys.scalar_type() != dtype ||
+      values.scalar_type() != dtype)
+    return false;
+  if (!query.device().is_cpu() || !keys.device().is_cpu() || !values.device().is_cpu()) return false;
+  const int64_t batch = query.size(0), heads = query.size(1), kv_heads = keys.size(1), dim = query.size(3);
+  if (keys.sizes() != values.sizes() || keys.size(0) != batch || keys.size(3) != dim || kv_heads == 0 ||
+      heads % kv_heads != 0 || keys.size(2) == 0 || batch == 0)
+    return false;
+  if (dim % kLanes != 0 || dim > kMaxHeadDim || query.stride(3) != 1 || keys.stride(3) != 1 || values.stride(3) != 1)
+    return false;
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    if (m.scalar_type() != at::kBool || !m.device().is_cpu() || m.dim() != 4 || m.size(1) != 1 || m.size(2) != 1 ||
+        m.size(3) != keys.size(2) || (m.size(0) != batch && m.size(0) != 1))
+      return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+namespace fastvlm {
+
+at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                            const std::optional<at::Tensor>& mask, double scale, bool kernel) {
+  if (!kernel || !kernel_takes(query, keys, values, mask)) return aten_attention(query, keys, values, mask, scale);
+  const int64_t heads = query.size(1), kv_heads = keys.size(1);
+  const Shape shape{query.size(0), heads, kv_heads, heads / kv_heads, keys.size(2), query.size(3)};
+  switch (query.scalar_type()) {
+    case at::kBFloat16: return attend<c10::BFloat16>(query, keys, values, mask, scale, shape);
+    case at::kHalf: return attend<c10::Half>(query, keys, values, mask, scale, shape);
+    default: return attend<float>(query, keys, values, mask, scale, shape);
+  }
+}
+
+}  // namespace fastvlm
+
+TORCH_LIBRARY_FRAGMENT(fastvlm_native, m) {
+  m.def("decode_attention(Tensor query, Tensor keys, Tensor values, Tensor? mask, float scale, bool kernel=True) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastvlm_native, CPU, m) { m.impl("decode_attention", fastvlm::decode_attention); }
