@@ -16,7 +16,11 @@ One library with five ops under ``torch.ops.fastvlm_native``:
   call for a few microseconds of work;
 - ``depthwise_conv2d``, the fused vision tower's depthwise convolutions on channels-last fp32
   maps, with a channel multiplier of 1 or 2 read in place (``csrc/depthwise_conv.cpp``;
-  :func:`depthwise_conv_kernel`), AVX-512F and AVX2 paths.
+  :func:`depthwise_conv_kernel`), AVX-512F and AVX2 paths;
+- ``screen_candidates``, the rows of the LM head that can win a greedy step, from its int8
+  screen's output in two reads of it instead of about 20 ATen ops (``csrc/screen_candidates.cpp``;
+  :func:`screen_candidates_kernel`), the same rows as :class:`fastvlm.greedy_head.GreedyHead`'s
+  Python path; AVX-512F, AVX2 and x86-64 baseline paths.
 
 It is built with ``torch.utils.cpp_extension`` (gcc or clang with OpenMP, and ninja) into a
 cache folder keyed by the sources, torch and Python versions, so a machine compiles it once
@@ -25,8 +29,9 @@ cache folder keyed by the sources, torch and Python versions, so a machine compi
 Nothing depends on it being there: on a machine without a compiler, on macOS or Windows, or
 with ``FASTVLM_NATIVE_KERNELS=0``, the accessors return ``None`` (with one warning saying why,
 when a build was tried and failed), the int8 layers run on ATen's kernel, one-row bf16 steps
-on ``torch.mv``, decode steps take the Python loop and the tower's depthwise convolutions take
-oneDNN's, as before. A CPU without AVX2 gets ``decode_layers`` but not the other kernels.
+on ``torch.mv``, decode steps take the Python loop, the tower's depthwise convolutions take
+oneDNN's and the greedy head's candidates come from ATen ops, as before. A CPU without AVX2
+gets ``decode_layers`` and ``screen_candidates`` but not the other kernels.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ __all__ = [
     "int8_kernel",
     "int8_kernel_isa",
     "kernel_cache_dir",
+    "screen_candidates_kernel",
 ]
 
 DISABLE_ENV = "FASTVLM_NATIVE_KERNELS"  # "0" turns our kernels off (the ATen kernels run instead)
@@ -71,6 +77,7 @@ SOURCES = (  # compiled into one library
     CSRC / "decode_layers.cpp",
     CSRC / "decode_attention.cpp",
     CSRC / "depthwise_conv.cpp",
+    CSRC / "screen_candidates.cpp",
 )
 HEADERS = (CSRC / "cpu_isa.h", CSRC / "int8_gemv.h", CSRC / "float16_gemv.h", CSRC / "decode_attention.h")
 OP_NAMESPACE = "fastvlm_native"
@@ -184,6 +191,15 @@ def decode_attention_kernel() -> Any | None:
 def depthwise_conv_kernel() -> Any | None:
     """The compiled depthwise conv op (``torch.ops.fastvlm_native.depthwise_conv2d``), or None where it cannot run."""
     return _kernel_where_supported("depthwise_conv2d", "depthwise_conv_isa")
+
+
+@functools.cache
+def screen_candidates_kernel() -> Any | None:
+    """The compiled op picking the greedy head's candidate rows (``torch.ops.fastvlm_native.screen_candidates``),
+    or None. It has an x86-64 baseline path besides its AVX-512F and AVX2 ones, so it runs wherever the library
+    loads."""
+    ops = _library()
+    return None if ops is None else ops.screen_candidates
 
 
 def autograd_records(*tensors: torch.Tensor | None) -> bool:

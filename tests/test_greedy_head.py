@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import pytest
@@ -157,6 +158,155 @@ def test_heads_it_cannot_stand_in_for_are_named():
         frozen = nn.Linear(64, 100, bias=False)
     assert "inference tensor" in GreedyHead.unsupported_reason(frozen)
     assert GreedyHead.build(hooked) is None
+
+
+def _screen_isas() -> list[str]:
+    """The instruction sets the compiled candidates op runs here, from x86-64's baseline up."""
+    levels = ["baseline", "avx2", "avx512"]
+    return levels[: levels.index(torch.ops.fastvlm_native.screen_candidates_isa()) + 1]
+
+
+def _candidates_each_way(screen: GreedyHead, x: torch.Tensor, monkeypatch) -> list[torch.Tensor | None]:
+    """``screen.candidates(x)`` through the compiled op at each instruction set here, then through ATen ops."""
+    op = native.screen_candidates_kernel()
+    assert op is not None
+    results = []
+    with monkeypatch.context() as patch:
+        for isa in _screen_isas():
+            patch.setattr(native, "screen_candidates_kernel", lambda isa=isa: functools.partial(op, isa=isa))
+            results.append(screen.candidates(x))
+        patch.setattr(native, "screen_candidates_kernel", lambda: None)
+        results.append(screen.candidates(x))
+    return results
+
+
+def _assert_same_rows(results: list[torch.Tensor | None]) -> torch.Tensor | None:
+    reference = results[-1]  # the ATen path's
+    for rows in results[:-1]:
+        assert (rows is None) == (reference is None)
+        assert rows is None or (rows.dtype == torch.int64 and torch.equal(rows, reference))
+    return reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spread", [1.0, 0.3])
+def test_the_compiled_op_picks_the_aten_paths_rows(dtype, spread, monkeypatch):
+    """Random heads (near-ties among them), 1-3 rows, scales from 1e-30 (all rows tie at 0: None) to 3e3: the same.
+
+    2003 rows: not a multiple of the op's 64-value steps, so the tails are read too.
+    """
+    head = _head(2003, 64, dtype, spread=spread, seed=7)
+    screen = GreedyHead.build(head)
+    gen = torch.Generator().manual_seed(8)
+    answered = 0
+    with torch.inference_mode():
+        for trial in range(45):
+            scale = [1e-30, 1e-3, 0.5, 3.0, 40.0, 3e3][trial % 6]
+            x = (torch.randn(trial % 3 + 1, 64, generator=gen) * scale).to(dtype)
+            rows = _assert_same_rows(_candidates_each_way(screen, x, monkeypatch))
+            answered += rows is not None
+    assert 15 <= answered < 45  # both outcomes are compared
+
+
+def test_the_compiled_op_picks_the_aten_paths_rows_for_a_full_size_vocabulary(monkeypatch):
+    head = _head(151_936, 64, torch.float32, spread=0.3, seed=9)
+    screen = GreedyHead.build(head)
+    gen = torch.Generator().manual_seed(10)
+    with torch.inference_mode():
+        for batch in (1, 2, 3):
+            rows = _assert_same_rows(_candidates_each_way(screen, torch.randn(batch, 64, generator=gen), monkeypatch))
+            assert rows is not None and 0 < rows.numel() < 2000
+
+
+def test_the_compiled_op_returns_none_where_the_aten_path_does(monkeypatch):
+    fp32 = GreedyHead.build(_head(1024, 64, torch.float32))
+    fp16 = GreedyHead.build(_head(1024, 64, torch.float16))
+    poisoned = torch.randn(3, 64)
+    poisoned[1, 5] = float("nan")
+    cases = [
+        (fp32, torch.zeros(2, 64)),  # every row a candidate: too many
+        (fp32, torch.full((1, 64), float("nan"))),
+        (fp32, poisoned),
+        (fp32, torch.full((2, 64), float("inf"))),
+        (fp32, torch.full((2, 64), 1e20)),  # finite, but ||x|| overflows fp32: every row reaches a lower bound of -inf
+        (fp16, torch.full((1, 64), 6e4, dtype=torch.float16)),  # logits past largest_safe
+        (fp16, torch.full((1, 64), -6e4, dtype=torch.float16)),  # ... by magnitude
+    ]
+    with torch.inference_mode():
+        for screen, x in cases:
+            assert _candidates_each_way(screen, x, monkeypatch) == [None] * (len(_screen_isas()) + 1)
+
+
+def _crafted(values: torch.Tensor, row_bounds: torch.Tensor) -> GreedyHead:
+    """A screen whose int8 product returns ``values`` [B, V] and whose row bounds are ``row_bounds``: exact ties,
+    signed zeros and non-finite values the int8 kernel would rarely give, fed to both paths alike."""
+    screen = GreedyHead.build(_head(values.shape[1], 64, torch.float32))
+    screen.screen = lambda x: values.clone()
+    screen.row_bounds, screen.max_row_bound = row_bounds, float(row_bounds.max())
+    return screen
+
+
+def test_a_tie_for_the_largest_value_takes_its_first_index_as_torch_max_does(monkeypatch):
+    """The first index's own bound sets the lower bound: rows 5 and 9 tie, and their bounds decide about row 20."""
+    x = torch.zeros(1, 64)
+    x[0, 0] = 1.0  # scale ~ 1
+    values = torch.full((1, 1000), -5.0)
+    values[0, [5, 9, 20]] = torch.tensor([1.0, 1.0, 0.7])
+    for first_bound, expected in ((0.001, [5, 9]), (0.5, [5, 9, 20])):
+        bounds = torch.full((1000,), 0.001)
+        bounds[5], bounds[9] = first_bound, 0.501 - first_bound
+        screen = _crafted(values, bounds)
+        with torch.inference_mode():
+            rows = _assert_same_rows(_candidates_each_way(screen, x, monkeypatch))
+        assert rows.tolist() == expected
+    zeros = torch.full((1, 1000), -5.0)  # -0.0 and +0.0 tie: the first (-0.0) is torch.max's pick
+    zeros[0, 300], zeros[0, 700], zeros[0, 800] = -0.0, 0.0, -0.3
+    bounds = torch.full((1000,), 0.001)
+    bounds[700] = 0.5
+    screen = _crafted(zeros, bounds)
+    with torch.inference_mode():
+        assert _assert_same_rows(_candidates_each_way(screen, x, monkeypatch)).tolist() == [300, 700]
+
+
+def test_the_candidate_limit_counts_the_prefiltered_rows(monkeypatch):
+    """At most 1/8 of the rows (256 of 2048) pass the prefilter, or the full head runs; either side of the limit."""
+    x = torch.full((2, 64), 0.125)
+    bounds = torch.full((2048,), 0.001)
+    for passing, answered in ((256, True), (257, False)):
+        values = torch.full((2, 2048), -5.0)
+        values[0, :200] = 1.0
+        values[1, 2048 - passing + 200 :] = 1.0  # the second row's passing rows add to the first's
+        screen = _crafted(values, bounds)
+        with torch.inference_mode():
+            rows = _assert_same_rows(_candidates_each_way(screen, x, monkeypatch))
+        assert (rows is not None) == answered and (rows is None or rows.numel() == passing)
+
+
+def test_non_finite_screen_values_anywhere_read_the_whole_head(monkeypatch):
+    x = torch.randn(2, 64)
+    bounds = torch.full((1000,), 0.001)
+    for where in (0, 517, 999):  # the first, a middle and the last (past the op's 64-value steps) value
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            values = torch.randn(2, 1000)
+            values[1, where] = bad
+            screen = _crafted(values, bounds)
+            with torch.inference_mode():
+                assert _assert_same_rows(_candidates_each_way(screen, x, monkeypatch)) is None
+
+
+def test_without_the_compiled_op_the_aten_path_runs(monkeypatch):
+    head = _head(1024, 64, torch.float32)
+    screen = GreedyHead.build(head)
+    x = torch.randn(2, 64)
+    calls = []
+    reference = GreedyHead._candidates_by_aten
+    monkeypatch.setattr(GreedyHead, "_candidates_by_aten", lambda self, h: calls.append(h) or reference(self, h))
+    assert native.screen_candidates_kernel() is not None  # built here, so the op answers
+    with torch.inference_mode():
+        assert torch.equal(screen(x), head(x).argmax(-1)) and calls == []
+        monkeypatch.setattr(native, "screen_candidates_kernel", lambda: None)
+        assert torch.equal(screen(x), head(x).argmax(-1)) and len(calls) == 1
+    assert screen.calls == 2 and screen.fallbacks == 0
 
 
 @pytest.fixture(scope="module")
