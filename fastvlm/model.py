@@ -129,7 +129,7 @@ class FastVLM(nn.Module):
         self.lean_decode = True
         # ...and with every layer of a step in one call to our compiled op where it can (fastvlm.decoding.NativeLayers)
         self.native_decode = True
-        # ...and their attention through our compiled kernel (fastvlm.native.decode_attention_kernel); False: ATen's SDPA
+        # ...and their attention through our kernel (fastvlm.native.decode_attention_kernel); False: ATen's SDPA
         self.native_attention = True
         # Greedy decode steps find the argmax through an int8 screen of the head and a few exact rows
         # (fastvlm.greedy_head); False: they read the whole head

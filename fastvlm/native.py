@@ -1,6 +1,6 @@
 """Our own CPU kernels (``fastvlm/csrc``), compiled on this machine the first time they are needed.
 
-One library with five ops under ``torch.ops.fastvlm_native``:
+One library with six ops under ``torch.ops.fastvlm_native``:
 
 - ``int8_packed_mm``, the int8 weight-only GEMV behind :class:`fastvlm.linears.Int8WeightOnlyLinear`
   (``csrc/int8_gemv.cpp``; why ATen's kernel is not enough is written there), C++ with AVX-512
@@ -31,7 +31,8 @@ with ``FASTVLM_NATIVE_KERNELS=0``, the accessors return ``None`` (with one warni
 when a build was tried and failed), the int8 layers run on ATen's kernel, one-row bf16 steps
 on ``torch.mv``, decode steps take the Python loop, the tower's depthwise convolutions take
 oneDNN's and the greedy head's candidates come from ATen ops, as before. A CPU without AVX2
-gets ``decode_layers`` and ``screen_candidates`` but not the other kernels.
+gets ``decode_layers`` and ``screen_candidates`` but not the other kernels (``decode_attention``
+then runs ATen's attention).
 """
 
 from __future__ import annotations

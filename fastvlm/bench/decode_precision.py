@@ -17,8 +17,9 @@ head (:mod:`fastvlm.greedy_head`: the head's own argmax, reading an int8 copy an
 ``generate`` takes them; ``full head`` variants read the whole head instead
 (``model.screen_greedy_head = False``). Attention runs through our decode kernel
 (:func:`fastvlm.native.decode_attention_kernel`), ``aten attention`` variants through ATen's
-``scaled_dot_product_attention`` (``model.native_attention = False``). The variants take turns in each round (so load from
-other processes spreads over all of them) and each reports the median of its rounds.
+``scaled_dot_product_attention`` (``model.native_attention = False``). The variants take turns
+in each round (so load from other processes spreads over all of them) and each reports the
+median of its rounds.
 
 The prompt is ``visual_tokens`` random image features plus ``text_tokens`` random text ids,
 prefilled once per run; decode runs through :func:`fastvlm.generation.generate_tokens`, the
