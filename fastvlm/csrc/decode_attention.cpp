@@ -159,11 +159,14 @@ __attribute__((target("avx2,fma,f16c"))) void attend_heads(const T* query, Layou
       const float* p = scores.data() + j * kHeadsPerPass;
       for (int64_t g = 0; g < kHeadsPerPass; ++g) sums[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g), value8, sums[g]);
     }
+    // every head through the constant-count loop, so that sums[] stays in registers (a loop to
+    // `count` would index it at run time and put it on the stack, inside the loop above too)
+    alignas(32) float lanes[kHeadsPerPass][kLanes];
+    for (int64_t g = 0; g < kHeadsPerPass; ++g)
+      _mm256_store_ps(lanes[g], _mm256_div_ps(sums[g], _mm256_set1_ps(totals[g])));
     for (int64_t g = 0; g < count; ++g) {
-      alignas(32) float lanes[kLanes];
-      _mm256_store_ps(lanes, _mm256_div_ps(sums[g], _mm256_set1_ps(totals[g])));
       T* row = out + (b * s.heads + first + g) * D + d;  // out is [B, heads, 1, D], contiguous
-      for (int64_t i = 0; i < kLanes; ++i) row[i] = static_cast<T>(lanes[i]);
+      for (int64_t i = 0; i < kLanes; ++i) row[i] = static_cast<T>(lanes[g][i]);
     }
   }
 }
