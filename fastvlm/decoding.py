@@ -26,18 +26,14 @@ the same code, and it writes each step's keys and values into one column of
 :class:`KVBuffers`, allocated for the prompt plus the longest answer (a step past the end
 doubles them, as a list grows). Only the attention block is spelled out here, as
 transformers' Qwen2 computes it: rotary embedding on q and k, scaled dot-product attention
-over the cached keys (grouped-query heads shared), no dropout, the output projection. The
-attention itself is ``fastvlm_native.decode_attention`` where the library is built
-(:func:`fastvlm.native.decode_attention_kernel`: the same softmax(q k^T) v in fp32 in 10-25 us
-a call where ATen's takes 15-60 us at up to 300 cached positions and 2-3x more than ours at
-2,000), else ATen's ``scaled_dot_product_attention`` (``enable_gqa``).
+over the cached keys (grouped-query heads shared), no dropout, the output projection; the
+attention itself is :func:`fastvlm.native.decode_attention` (our kernel where built: 20-25 us
+a call at 300 cached positions where ATen's takes 40-60).
 
-What it saves, measured on a 2-core Xeon (torch 2.13, transformers 5.24): a step of a
-decoder with FastVLM-0.5B's depth and heads but tiny widths, where the time is all overhead,
-takes 7.3 ms against 10.2 ms through transformers' forward in fp32, and 13-17 against
-20-23 ms in bf16 and int8. On the full 0.5B after a 300-token prompt, where reading the
-weights takes most of a ~100 ms step, that is about +5% tokens/s in fp32 and in bf16; after a
-2,000-token prompt, where transformers' cache copies add up, +11% in fp32.
+What it saves on a 2-core Xeon (torch 2.13, transformers 5.24): a step of a decoder with
+FastVLM-0.5B's depth and heads but tiny widths takes 7.3 ms against 10.2 ms through
+transformers' forward in fp32, 13-17 against 20-23 ms in bf16 and int8; on the full 0.5B, +5%
+tokens/s after a 300-token prompt, +11% in fp32 after 2,000 tokens (transformers' cache copies).
 
 Decoders this module does not cover (sliding-window layers, another architecture) keep
 transformers' forward: :func:`unsupported_reason` says why.
@@ -62,7 +58,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
@@ -74,7 +69,7 @@ from fastvlm.linears import (
     GemvLinear,
     Int8WeightOnlyLinear,
 )
-from fastvlm.native import SDPA_SHARES_KV_HEADS, eager_on_cpu
+from fastvlm.native import eager_on_cpu
 
 if TYPE_CHECKING:  # model.py imports this module (through generation); the model types are for annotations only
     from transformers import Qwen2ForCausalLM
@@ -218,18 +213,11 @@ class CachedDecoder:
         self.native_attention = native_attention
 
     @classmethod
-    def after_prefill(
-        cls,
-        lm: Qwen2ForCausalLM,
-        cache: DynamicCache,
-        capacity: int,
-        *,
-        native_layers: bool = True,
-        native_attention: bool = True,
-    ) -> CachedDecoder:
-        """A decoder continuing from ``cache`` (the prefill's), with room for ``capacity`` positions."""
-        buffers = KVBuffers.from_cache(cache, capacity)
-        return cls(lm, buffers, native_layers=native_layers, native_attention=native_attention)
+    def after_prefill(cls, lm: Qwen2ForCausalLM, cache: DynamicCache, capacity: int, **paths: bool) -> CachedDecoder:
+        """A decoder continuing from ``cache`` (the prefill's), with room for ``capacity`` positions.
+
+        ``paths``: ``native_layers`` and ``native_attention``, as ``__init__`` takes them."""
+        return cls(lm, KVBuffers.from_cache(cache, capacity), **paths)
 
     def rewind(self, steps: int) -> None:
         """Forget the last ``steps`` positions (their buffer columns are overwritten by the next steps)."""
@@ -297,18 +285,7 @@ class CachedDecoder:
         keys[:, :, end - 1 : end] = key
         values[:, :, end - 1 : end] = value
         keys, values = keys[:, :, :end], values[:, :, :end]
-        kernel = native.decode_attention_kernel() if self.native_attention else None
-        if kernel is not None and eager_on_cpu(query) and not native.autograd_records(query, keys, values):
-            out = kernel(query, keys, values, mask, attention.scaling)  # as decode_layers calls it
-        else:
-            shared: dict[str, bool] = {}
-            if self.kv_heads != self.heads:
-                if SDPA_SHARES_KV_HEADS:
-                    shared["enable_gqa"] = True
-                else:
-                    groups = self.heads // self.kv_heads
-                    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=attention.scaling, **shared)
+        out = native.decode_attention(query, keys, values, mask, attention.scaling, kernel=self.native_attention)
         return attention.o_proj(out.transpose(1, 2).reshape(batch, 1, self.heads * self.head_dim))
 
 
@@ -413,10 +390,8 @@ class NativeLayers:
         *,
         native_attention: bool = True,
     ) -> torch.Tensor:
-        """``hidden`` [B, 1, H] after every layer; each layer's key and value go into column ``buffers.length``.
-
-        ``native_attention``: attention through ``fastvlm_native.decode_attention``'s kernel (False: ATen's SDPA).
-        """
+        """``hidden`` [B, 1, H] after every layer, keys and values into column ``buffers.length`` (attention: as
+        :func:`fastvlm.native.decode_attention` with ``kernel=native_attention``)."""
         return self.kernel(
             hidden,
             cos,

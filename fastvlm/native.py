@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "SDPA_SHARES_KV_HEADS",
     "autograd_records",
     "bypassed_forward",
+    "decode_attention",
     "decode_attention_kernel",
     "decode_layers_kernel",
     "depthwise_conv_kernel",
@@ -186,6 +188,36 @@ def decode_attention_kernel() -> Any | None:
     ATen's ``scaled_dot_product_attention`` itself for what its kernel does not take."""
     ops = _library()
     return None if ops is None else ops.decode_attention
+
+
+def decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    *,
+    kernel: bool = True,
+) -> torch.Tensor:
+    """A decode step's attention: softmax(q k^T scale) v for the new query [B, heads, 1, D] over the
+    cached ``keys``, ``values`` [B, kv_heads, L, D], each key/value head shared by heads / kv_heads
+    query heads; ``mask`` [B, 1, 1, L] bool (True: attend) or None.
+
+    Through the compiled op (:func:`decode_attention_kernel`) where the library is built and the call
+    is eager on the CPU with nothing for autograd to record; the op itself sends what its kernel does
+    not take, and everything when ``kernel`` is False, to ATen's ``scaled_dot_product_attention``,
+    so both decode step paths get the same numbers from it. Elsewhere ATen's attention runs here.
+    """
+    op = decode_attention_kernel()
+    if op is not None and eager_on_cpu(query) and not autograd_records(query, keys, values):
+        return op(query, keys, values, mask, scale, kernel)
+    if keys.shape[1] == query.shape[1]:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
+    if SDPA_SHARES_KV_HEADS:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    groups = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
 
 
 @functools.cache

@@ -40,7 +40,7 @@ def _variant(model: FastVLM, name: str) -> FastVLM:
 
 
 def _steps(
-    model: FastVLM, native_layers: bool, steps: int = 5, batch: int = 2
+    model: FastVLM, native_layers: bool, steps: int = 5, batch: int = 2, native_attention: bool = True
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Logits of ``steps`` teacher-forced steps of a left-padded batch (every other row padded), and the key buffers."""
     vocab = model.config.text.vocab_size
@@ -51,7 +51,11 @@ def _steps(
         inputs = model.prepare_inputs(ids, mask, padding_side="left")
         cache, logits = prefill(model, inputs)
         decoder = CachedDecoder.after_prefill(
-            model.language_model, cache, ids.shape[1] + steps, native_layers=native_layers
+            model.language_model,
+            cache,
+            ids.shape[1] + steps,
+            native_layers=native_layers,
+            native_attention=native_attention,
         )
         assert (decoder.native is not None) == native_layers
         tokens = logits.argmax(-1, keepdim=True)
@@ -73,6 +77,24 @@ def test_one_call_gives_the_python_loops_logits_and_cache_bit_for_bit(model: Fas
     one_logits, one_keys = _steps(converted, native_layers=True)
     assert all(torch.equal(a, b) for a, b in zip(loop_logits, one_logits, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(loop_keys, one_keys, strict=True))
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16"])
+def test_both_paths_agree_with_atens_attention_too_and_our_kernel_runs_by_default(model: FastVLM, name: str) -> None:
+    """``native_attention=False`` sends both paths to ATen's attention, still bit for bit alike; by default both
+    take our kernel (fastvlm_native.decode_attention), whose last bits differ from ATen's on these padded batches."""
+    converted = _variant(model, name)
+    loop_logits, loop_keys = _steps(converted, native_layers=False, native_attention=False)
+    one_logits, one_keys = _steps(converted, native_layers=True, native_attention=False)
+    assert all(torch.equal(a, b) for a, b in zip(loop_logits, one_logits, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(loop_keys, one_keys, strict=True))
+    kernel_logits, _ = _steps(converted, native_layers=True)
+    assert not all(torch.equal(a, b) for a, b in zip(kernel_logits, one_logits, strict=True))
+    # the same attention to rounding: fp32 within the fixtures' tolerance, bf16 within a few bf16 steps of the largest
+    # logit (a bf16 output rounded the other way moves the next layers by a step), as the transformers comparison
+    for ours, aten in zip(kernel_logits, one_logits, strict=True):
+        scale = aten.float().abs().max().item()
+        assert (ours.float() - aten.float()).abs().max().item() <= (1e-4 if name == "fp32" else 4 * 2**-8) * scale
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["our kernel", "torch.mv"])

@@ -281,13 +281,28 @@ def _attention_inputs(
     return query, keys[:, :, :length], values[:, :, :length]
 
 
-def _exact_attention(query, keys, values, mask, scale) -> torch.Tensor:
+def _exact_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T scale) v in float64, each key/value head repeated for the query heads sharing it."""
     groups = query.shape[1] // keys.shape[1]
     keys, values = (t.double().repeat_interleave(groups, dim=1) for t in (keys, values))
     scores = (query.double() @ keys.transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(-1) @ values
+
+
+def _padding_masks(batch: int, length: int) -> list[torch.Tensor]:
+    """Masks [B or 1, 1, 1, L] as decode steps pass them: every other row left-padded, the first row's padding
+    broadcast over the batch, and the same per-row padding read through a stride of 2."""
+    attend = torch.ones(batch, length, dtype=torch.bool)
+    attend[1::2, : length // 2] = False
+    padded_first = torch.ones(1, length, dtype=torch.bool)
+    padded_first[0, : (length + 1) // 2 - 1] = False  # at least one position stays
+    strided = attend.repeat_interleave(2, dim=1)[:, ::2]
+    assert strided.stride(1) == 2 and torch.equal(strided, attend)
+    return [m[:, None, None, :] for m in (attend, padded_first, strided)]
 
 
 @pytest.mark.skipif(native.decode_attention_kernel() is None, reason="fastvlm's CPU kernels did not build")
@@ -302,7 +317,9 @@ def _exact_attention(query, keys, values, mask, scale) -> torch.Tensor:
         (1, 2, 2, 8, 1),  # no shared heads, the first position only
     ],
 )
-def test_decode_attention_is_the_exact_attention_to_fp32_rounding(batch, heads, kv_heads, dim, length, dtype) -> None:
+def test_decode_attention_is_the_exact_attention_to_fp32_rounding(
+    batch: int, heads: int, kv_heads: int, dim: int, length: int, dtype: torch.dtype
+) -> None:
     """Against float64 softmax(q k^T s) v on the same (rounded) inputs, with and without a padding mask.
 
     fp32 products, sums and exp leave the output within 1e-5 of the values' largest magnitude (the
@@ -310,9 +327,7 @@ def test_decode_attention_is_the_exact_attention_to_fp32_rounding(batch, heads, 
     """
     op = native.decode_attention_kernel()
     query, keys, values = _attention_inputs(batch, heads, kv_heads, dim, length, dtype)
-    attend = torch.ones(batch, length, dtype=torch.bool)
-    attend[1::2, : length // 2] = False  # left padding on every other row
-    for mask in (None, attend[:, None, None, :], attend[:1, None, None, :]):
+    for mask in (None, *_padding_masks(batch, length)):
         with torch.inference_mode():
             out = op(query, keys, values, mask, 0.125)
         exact = _exact_attention(query, keys, values, mask, 0.125)
@@ -330,7 +345,7 @@ def test_decode_attention_leaves_what_its_kernel_does_not_take_to_aten() -> None
     attend = torch.tensor([[True] * 9, [False] * 3 + [True] * 6])[:, None, None, :]
     additive = torch.zeros(2, 1, 1, 9).masked_fill(~attend, float("-inf"))
 
-    def aten(q, k, v, m):
+    def aten(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.25, enable_gqa=True)
 
     cases = [
@@ -348,13 +363,16 @@ def test_decode_attention_leaves_what_its_kernel_does_not_take_to_aten() -> None
 
 
 @pytest.mark.skipif(native.decode_attention_kernel() is None, reason="fastvlm's CPU kernels did not build")
-def test_decode_attention_of_a_row_with_nothing_to_attend_is_nan() -> None:
-    """Softmax over no position is 0/0, as ATen's math attention gives; the other rows are unaffected."""
+def test_decode_attention_of_a_row_with_nothing_to_attend_is_atens_zeros() -> None:
+    """No position to attend in a row (not something decode steps make: the new position is always attended):
+    the kernel gives what ATen's attention gives there, zeros, and the other rows are unaffected."""
     query, keys, values = _attention_inputs(2, 4, 2, 16, 5, torch.float32)
     attend = torch.tensor([[True] * 5, [False] * 5])[:, None, None, :]
     with torch.inference_mode():
         out = native.decode_attention_kernel()(query, keys, values, attend, 0.25)
-    assert out[1].isnan().all() and not out[0].isnan().any()
+    aten = F.scaled_dot_product_attention(query, keys, values, attn_mask=attend, scale=0.25, enable_gqa=True)
+    assert torch.equal(out[1], aten[1]) and not out[1].any()
+    assert torch.allclose(out[0], aten[0], rtol=0, atol=1e-6)
 
 
 def test_packing_round_trips_and_pads_the_last_group_with_zeros() -> None:

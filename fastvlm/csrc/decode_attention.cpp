@@ -15,7 +15,7 @@
 //
 // Products and sums are fp32 for every input dtype (fp32, bf16, fp16), with 8-lane AVX2 FMAs
 // (head dims are multiples of 8: 64 and 128 in Qwen2). A row whose every position is masked
-// gets NaN, as softmax over nothing. Anything else (another dtype or layout, a float mask, a CPU
+// gets zeros, as ATen's attention gives. Anything else (another dtype or layout, a float mask, a CPU
 // without AVX2, FMA and F16C) goes to ATen's scaled_dot_product_attention with the same
 // arguments, so callers need no case analysis. It has no backward: callers keep ATen's attention
 // where autograd records. fastvlm.decoding's Python loop and
@@ -40,7 +40,6 @@ namespace {
 
 constexpr int64_t kLanes = 8;              // fp32 lanes of an AVX2 register
 constexpr int64_t kHeadsPerPass = 8;       // query heads of one key/value head taken at once (one register each)
-constexpr int64_t kMaxHeadDim = 512;       // the widest head taken
 constexpr int64_t kSerialWork = int64_t(1) << 17;  // multiply-adds below which one thread does the whole call
 
 // Eight consecutive elements of a row, widened to fp32.
@@ -75,7 +74,7 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 transpose_sum(const __m25
 // ln 2 split in two so that r is exact. x below -87 gives 0, -inf gives 0 and NaN gives NaN.
 __attribute__((target("avx2,fma,f16c"))) inline __m256 exp_nonpositive(__m256 x) {
   const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
-  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // a NaN x (no position attended: -inf - -inf) stays NaN
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // this operand order keeps a NaN x NaN
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2's first 11 bits: n * it is exact
@@ -141,7 +140,9 @@ __attribute__((target("avx2,fma,f16c"))) void attend_heads(const T* query, Layou
     }
     _mm256_storeu_ps(scores.data() + j * kHeadsPerPass, score);
   }
-  // 2. p = e^(score - largest) and their sum per head (masked positions: e^-inf = 0; none attended: NaN)
+  // 2. p = e^(score - largest) and their sum per head (masked positions: e^-inf = 0). A head with
+  // nothing to attend takes largest = 0, so its p are all 0 and its output 0, as ATen's attention gives.
+  largest = _mm256_blendv_ps(largest, _mm256_setzero_ps(), _mm256_cmp_ps(largest, minus_inf, _CMP_EQ_OQ));
   __m256 total = _mm256_setzero_ps();
   for (int64_t j = 0; j < L; ++j) {
     float* row = scores.data() + j * kHeadsPerPass;
@@ -150,8 +151,9 @@ __attribute__((target("avx2,fma,f16c"))) void attend_heads(const T* query, Layou
     total = _mm256_add_ps(total, p);
   }
   // 3. out_g = sum_j p[j, g] v_j / total_g, eight dims of all heads at a time
-  alignas(32) float totals[kHeadsPerPass];
-  _mm256_store_ps(totals, total);
+  alignas(32) float totals[kHeadsPerPass];  // 1 for a head with nothing attended: 0 / 1 = 0
+  const __m256 nothing = _mm256_cmp_ps(total, _mm256_setzero_ps(), _CMP_EQ_OQ);
+  _mm256_store_ps(totals, _mm256_blendv_ps(total, _mm256_set1_ps(1.0f), nothing));
   for (int64_t d = 0; d < D; d += kLanes) {
     __m256 sums[kHeadsPerPass];
     for (int64_t g = 0; g < kHeadsPerPass; ++g) sums[g] = _mm256_setzero_ps();
@@ -224,7 +226,7 @@ bool kernel_takes(const at::Tensor& query, const at::Tensor& keys, const at::Ten
   if (keys.sizes() != values.sizes() || keys.size(0) != batch || keys.size(3) != dim || kv_heads == 0 ||
       heads % kv_heads != 0 || keys.size(2) == 0 || batch == 0)
     return false;
-  if (dim % kLanes != 0 || dim > kMaxHeadDim || query.stride(3) != 1 || keys.stride(3) != 1 || values.stride(3) != 1)
+  if (dim % kLanes != 0 || query.stride(3) != 1 || keys.stride(3) != 1 || values.stride(3) != 1)
     return false;
   if (mask.has_value()) {
     const at::Tensor& m = *mask;
