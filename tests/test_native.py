@@ -302,7 +302,9 @@ def _padding_masks(batch: int, length: int) -> list[torch.Tensor]:
     padded_first[0, : (length + 1) // 2 - 1] = False  # at least one position stays
     strided = attend.repeat_interleave(2, dim=1)[:, ::2]
     assert strided.stride(1) == 2 and torch.equal(strided, attend)
-    return [m[:, None, None, :] for m in (attend, padded_first, strided)]
+    mostly_padding = torch.ones(batch, length, dtype=torch.bool)
+    mostly_padding[:, : 2 * length // 3] = False  # a split call's first chunk attends to nothing
+    return [m[:, None, None, :] for m in (attend, padded_first, strided, mostly_padding)]
 
 
 @pytest.mark.skipif(native.decode_attention_kernel() is None, reason="fastvlm's CPU kernels did not build")
@@ -337,6 +339,31 @@ def test_decode_attention_is_the_exact_attention_to_fp32_rounding(
 
 
 @pytest.mark.skipif(native.decode_attention_kernel() is None, reason="fastvlm's CPU kernels did not build")
+@pytest.mark.skipif(native.decode_attention_kernel() is None, reason="fastvlm's CPU kernels did not build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_split_over_positions_for_idle_threads_is_still_exact(dtype: torch.dtype) -> None:
+    """With more threads than (row, key/value head) pairs, each pair's positions are split among them and
+    the partial softmaxes merged: one row and one key/value head on 4 threads takes 4 chunks of 375."""
+    op = native.decode_attention_kernel()
+    query, keys, values = _attention_inputs(1, 8, 1, 64, 1500, dtype, seed=5)
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for count in (1, 4):
+            torch.set_num_threads(count)
+            for index, mask in enumerate((None, *_padding_masks(1, 1500))):
+                with torch.inference_mode():
+                    out = op(query, keys, values, mask, 0.125)
+                exact = _exact_attention(query, keys, values, mask, 0.125)
+                bound = 1e-5 * values.abs().max().item() + torch.finfo(dtype).eps / 2 * exact.abs().max().item()
+                assert (out.double() - exact).abs().max().item() <= bound
+                results[count, index] = out
+    finally:
+        torch.set_num_threads(threads)
+    if dtype == torch.float32:  # the split is real: its sums round differently from one pass
+        assert not all(torch.equal(results[1, i], results[4, i]) for i in range(5))
+
+
 def test_decode_attention_leaves_what_its_kernel_does_not_take_to_aten() -> None:
     """Turned off, float64, a head width that is not a multiple of 8 or a float mask: the op returns
     ATen's scaled_dot_product_attention of the same arguments, bit for bit."""

@@ -13,6 +13,12 @@
 //   2. p = e^(score - largest score) with a vectorized exp, and their sum;
 //   3. out_g = sum_j p[g, j] v_j, accumulated in fp32 and rounded to the query's dtype once.
 //
+// The (row, key/value head) pairs are shared among the threads. Where there are fewer pairs than
+// threads (batch 1 with 2 key/value heads on a machine with more than 2 cores), each pair's
+// positions are split into chunks, each chunk gives its largest score, sum of p and unnormalized
+// sum of p v, and the chunks are merged (weights e^(largest_c - largest)); so a long cache keeps
+// every thread busy, as ATen's attention does over its query heads.
+//
 // Products and sums are fp32 for every input dtype (fp32, bf16, fp16), with 8-lane AVX2 FMAs
 // (head dims are multiples of 8: 64 and 128 in Qwen2). A row whose every position is masked
 // gets zeros, as ATen's attention gives. Anything else (another dtype or layout, a float mask, a CPU
@@ -41,6 +47,7 @@ namespace {
 constexpr int64_t kLanes = 8;              // fp32 lanes of an AVX2 register
 constexpr int64_t kHeadsPerPass = 8;       // query heads of one key/value head taken at once (one register each)
 constexpr int64_t kSerialWork = int64_t(1) << 17;  // multiply-adds below which one thread does the whole call
+constexpr int64_t kMinChunk = 256;         // fewest positions a thread takes when a call's positions are split
 
 // Eight consecutive elements of a row, widened to fp32.
 template <typename T>
@@ -100,26 +107,35 @@ struct Layout {
 struct Shape {
   int64_t batch, heads, kv_heads, group, length, dim;
   int64_t passes() const { return (group + kHeadsPerPass - 1) / kHeadsPerPass; }
+  int64_t tasks() const { return batch * kv_heads * passes(); }
 };
 
-// One task: query heads [first, first + count) of batch row b, all sharing key/value head kv.
-// scores holds [length][8]: position j's scores for the 8 heads side by side, so that each of
-// the passes below works on whole registers, one head per lane.
+// One chunk's partial result for 8 heads: the largest score (-inf: nothing attended in the chunk),
+// the sum of p = e^(score - largest), and sum_j p_j v_j, unnormalized, [8][D].
+struct Partial {
+  float* largest;
+  float* total;
+  float* sums;
+};
+
+// One task: query heads [first, first + count) of batch row b, all sharing key/value head kv, over
+// positions [begin, end). scores holds [positions][8]: a position's scores for the 8 heads side by
+// side, so that each pass below works on whole registers, one head per lane.
 template <typename T>
-__attribute__((target("avx2,fma,f16c"))) void attend_heads(const T* query, Layout q, const T* keys, Layout k,
+__attribute__((target("avx2,fma,f16c"))) void attend_chunk(const T* query, Layout q, const T* keys, Layout k,
                                                          const T* values, Layout v, const bool* mask, int64_t mask_batch,
                                                          int64_t mask_position, const Shape& s, float scale, int64_t task,
-                                                         T* out) {
+                                                         int64_t begin, int64_t end, Partial result) {
   const int64_t pass = task % s.passes(), b = task / s.passes() / s.kv_heads, kv = task / s.passes() % s.kv_heads;
   const int64_t first = kv * s.group + pass * kHeadsPerPass, count = std::min(kHeadsPerPass, s.group - pass * kHeadsPerPass);
-  const int64_t D = s.dim, L = s.length;
+  const int64_t D = s.dim, L = end - begin;
   std::vector<float> queries(kHeadsPerPass * D, 0.0f), scores(L * kHeadsPerPass);
   for (int64_t g = 0; g < count; ++g)
     for (int64_t d = 0; d < D; d += kLanes)
       _mm256_storeu_ps(queries.data() + g * D + d, load8(query + b * q.batch + (first + g) * q.head + d));
-  const T* key_rows = keys + b * k.batch + kv * k.head;
-  const T* value_rows = values + b * v.batch + kv * v.head;
-  const bool* attend = mask == nullptr ? nullptr : mask + b * mask_batch;
+  const T* key_rows = keys + b * k.batch + kv * k.head + begin * k.position;
+  const T* value_rows = values + b * v.batch + kv * v.head + begin * v.position;
+  const bool* attend = mask == nullptr ? nullptr : mask + b * mask_batch + begin * mask_position;
 
   // 1. scores, and their largest per head
   const __m256 scales = _mm256_set1_ps(scale), minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -140,8 +156,9 @@ __attribute__((target("avx2,fma,f16c"))) void attend_heads(const T* query, Layou
     }
     _mm256_storeu_ps(scores.data() + j * kHeadsPerPass, score);
   }
-  // 2. p = e^(score - largest) and their sum per head (masked positions: e^-inf = 0). A head with
-  // nothing to attend takes largest = 0, so its p are all 0 and its output 0, as ATen's attention gives.
+  _mm256_storeu_ps(result.largest, largest);
+  // 2. p = e^(score - largest) and their sum per head (masked positions: e^-inf = 0; a head with
+  // nothing attended here shifts by 0 instead of -inf, so its p are all 0)
   largest = _mm256_blendv_ps(largest, _mm256_setzero_ps(), _mm256_cmp_ps(largest, minus_inf, _CMP_EQ_OQ));
   __m256 total = _mm256_setzero_ps();
   for (int64_t j = 0; j < L; ++j) {
@@ -150,10 +167,8 @@ __attribute__((target("avx2,fma,f16c"))) void attend_heads(const T* query, Layou
     _mm256_storeu_ps(row, p);
     total = _mm256_add_ps(total, p);
   }
-  // 3. out_g = sum_j p[j, g] v_j / total_g, eight dims of all heads at a time
-  alignas(32) float totals[kHeadsPerPass];  // 1 for a head with nothing attended: 0 / 1 = 0
-  const __m256 nothing = _mm256_cmp_ps(total, _mm256_setzero_ps(), _CMP_EQ_OQ);
-  _mm256_store_ps(totals, _mm256_blendv_ps(total, _mm256_set1_ps(1.0f), nothing));
+  _mm256_storeu_ps(result.total, total);
+  // 3. sum_j p[j, g] v_j, eight dims of all heads at a time
   for (int64_t d = 0; d < D; d += kLanes) {
     __m256 sums[kHeadsPerPass];
     for (int64_t g = 0; g < kHeadsPerPass; ++g) sums[g] = _mm256_setzero_ps();
@@ -162,16 +177,52 @@ __attribute__((target("avx2,fma,f16c"))) void attend_heads(const T* query, Layou
       const float* p = scores.data() + j * kHeadsPerPass;
       for (int64_t g = 0; g < kHeadsPerPass; ++g) sums[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g), value8, sums[g]);
     }
-    // every head through the constant-count loop, so that sums[] stays in registers (a loop to
-    // `count` would index it at run time and put it on the stack, inside the loop above too)
-    alignas(32) float lanes[kHeadsPerPass][kLanes];
-    for (int64_t g = 0; g < kHeadsPerPass; ++g)
-      _mm256_store_ps(lanes[g], _mm256_div_ps(sums[g], _mm256_set1_ps(totals[g])));
-    for (int64_t g = 0; g < count; ++g) {
-      T* row = out + (b * s.heads + first + g) * D + d;  // out is [B, heads, 1, D], contiguous
-      for (int64_t i = 0; i < kLanes; ++i) row[i] = static_cast<T>(lanes[g][i]);
+    // a constant count, so that sums[] stays in registers (a run-time index would put it on the stack)
+    for (int64_t g = 0; g < kHeadsPerPass; ++g) _mm256_storeu_ps(result.sums + g * D + d, sums[g]);
+  }
+}
+
+// A task's output from its chunks' partial results: with m the largest score over all chunks and
+// w_c = e^(largest_c - m), out_g = sum_c w_c sums_c / sum_c w_c total_c, rounded to T once. One
+// chunk gives w = 1 exactly. A head with nothing attended anywhere gets 0, as ATen's attention gives.
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) void merge_chunks(const float* largest, const float* total, const float* sums,
+                                                         int64_t chunks, const Shape& s, int64_t task, T* out) {
+  const int64_t pass = task % s.passes(), b = task / s.passes() / s.kv_heads, kv = task / s.passes() % s.kv_heads;
+  const int64_t first = kv * s.group + pass * kHeadsPerPass, count = std::min(kHeadsPerPass, s.group - pass * kHeadsPerPass);
+  const int64_t D = s.dim;
+  const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 best = minus_inf;
+  for (int64_t c = 0; c < chunks; ++c) best = _mm256_max_ps(best, _mm256_loadu_ps(largest + c * kHeadsPerPass));
+  best = _mm256_blendv_ps(best, _mm256_setzero_ps(), _mm256_cmp_ps(best, minus_inf, _CMP_EQ_OQ));
+  alignas(32) float weights[kHeadsPerPass];
+  __m256 sum_of_totals = _mm256_setzero_ps();
+  std::vector<float> merged(kHeadsPerPass * D, 0.0f);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __m256 w = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(largest + c * kHeadsPerPass), best));
+    sum_of_totals = _mm256_fmadd_ps(w, _mm256_loadu_ps(total + c * kHeadsPerPass), sum_of_totals);
+    _mm256_store_ps(weights, w);
+    const float* chunk = sums + c * kHeadsPerPass * D;
+    for (int64_t i = 0; i < kHeadsPerPass * D; i += kLanes) {
+      const __m256 weight = _mm256_set1_ps(weights[i / D]);
+      _mm256_storeu_ps(merged.data() + i, _mm256_fmadd_ps(weight, _mm256_loadu_ps(chunk + i), _mm256_loadu_ps(merged.data() + i)));
     }
   }
+  alignas(32) float totals[kHeadsPerPass];  // 1 for a head with nothing attended: 0 / 1 = 0
+  const __m256 nothing = _mm256_cmp_ps(sum_of_totals, _mm256_setzero_ps(), _CMP_EQ_OQ);
+  _mm256_store_ps(totals, _mm256_blendv_ps(sum_of_totals, _mm256_set1_ps(1.0f), nothing));
+  for (int64_t g = 0; g < count; ++g) {
+    T* row = out + (b * s.heads + first + g) * D;  // out is [B, heads, 1, D], contiguous
+    for (int64_t d = 0; d < D; ++d) row[d] = static_cast<T>(merged[g * D + d] / totals[g]);
+  }
+}
+
+// How many chunks each task's positions are split into: one, unless there are fewer tasks than
+// threads; then enough to give every thread work, at least kMinChunk positions each.
+int64_t chunks_per_task(const Shape& s) {
+  const int64_t tasks = s.tasks(), threads = at::get_num_threads();
+  if (tasks >= threads) return 1;
+  return std::max<int64_t>(1, std::min((threads + tasks - 1) / tasks, s.length / kMinChunk));
 }
 
 template <typename T>
@@ -185,14 +236,22 @@ at::Tensor attend(const at::Tensor& query, const at::Tensor& keys, const at::Ten
   const int64_t mask_batch = m != nullptr && mask->size(0) > 1 ? mask->stride(0) : 0;
   const int64_t mask_position = m != nullptr ? mask->stride(3) : 0;
   const Layout q_layout = Layout::of(query), k_layout = Layout::of(keys), v_layout = Layout::of(values);
-  const int64_t tasks = s.batch * s.kv_heads * s.passes();
-  const int64_t grain = 2 * s.heads * s.batch * s.length * s.dim < kSerialWork ? tasks : 1;
-  T* o = out.data_ptr<T>();
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task)
-      attend_heads(q, q_layout, k, k_layout, v, v_layout, m, mask_batch, mask_position, s, static_cast<float>(scale),
-                   task, o);
+  const int64_t tasks = s.tasks(), chunks = chunks_per_task(s), items = tasks * chunks;
+  std::vector<float> largest(items * kHeadsPerPass), total(items * kHeadsPerPass), sums(items * kHeadsPerPass * s.dim);
+  const int64_t grain = 2 * s.heads * s.batch * s.length * s.dim < kSerialWork ? items : 1;
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t task = item / chunks, c = item % chunks;
+      const Partial result{largest.data() + item * kHeadsPerPass, total.data() + item * kHeadsPerPass,
+                           sums.data() + item * kHeadsPerPass * s.dim};
+      attend_chunk(q, q_layout, k, k_layout, v, v_layout, m, mask_batch, mask_position, s, static_cast<float>(scale),
+                   task, s.length * c / chunks, s.length * (c + 1) / chunks, result);
+    }
   });
+  T* o = out.data_ptr<T>();
+  for (int64_t task = 0; task < tasks; ++task)
+    merge_chunks(largest.data() + task * chunks * kHeadsPerPass, total.data() + task * chunks * kHeadsPerPass,
+                 sums.data() + task * chunks * kHeadsPerPass * s.dim, chunks, s, task, o);
   return out;
 }
 
