@@ -208,8 +208,8 @@ class CachedDecoder:
         from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
         self.rotate = apply_rotary_pos_emb
-        self.native = NativeLayers.build(lm) if native_layers else None  # None: the layers run in Python
-        # attention through fastvlm_native.decode_attention where built (False: ATen's SDPA, on either path)
+        # None: the layers run in Python; either way, attention through our kernel where built (False: ATen's)
+        self.native = NativeLayers.build(lm, attention_kernel=native_attention) if native_layers else None
         self.native_attention = native_attention
 
     @classmethod
@@ -251,7 +251,7 @@ class CachedDecoder:
         hidden = model.embed_tokens(input_ids)  # [B, 1, H]
         cos, sin = model.rotary_emb(hidden, position_ids)
         if self.native is not None and self.native.takes(hidden):
-            hidden = self.native(hidden, cos, sin, mask, buffers, native_attention=self.native_attention)
+            hidden = self.native(hidden, cos, sin, mask, buffers)
         else:
             for index, layer in enumerate(model.layers):
                 hidden = hidden + self._attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, index, mask)
@@ -359,6 +359,7 @@ class NativeLayers:
         self.heads, self.kv_heads, self.head_dim = attention_shape(lm.config)
         self.scaling = [float(layer.self_attn.scaling) for layer in layers]  # each layer's own, as the loop reads it
         self.max_rows = PACKED_KERNEL_MAX_ROWS if INT8 in kinds else None  # more rows: Int8 layers dequantize
+        self.attention_kernel = True  # attention as native.decode_attention(kernel=...) computes it
 
     @staticmethod
     def unsupported_reason(lm: Qwen2ForCausalLM) -> str | None:
@@ -367,12 +368,17 @@ class NativeLayers:
         return gathered if isinstance(gathered, str) else None
 
     @classmethod
-    def build(cls, lm: Qwen2ForCausalLM) -> NativeLayers | None:
-        """The layers of ``lm`` ready for decode_layers, or None where the Python loop must run them."""
+    def build(cls, lm: Qwen2ForCausalLM, *, attention_kernel: bool = True) -> NativeLayers | None:
+        """The layers of ``lm`` ready for decode_layers, or None where the Python loop must run them.
+
+        ``attention_kernel``: attention through our kernel (False: ATen's), as :func:`fastvlm.native.decode_attention`.
+        """
         gathered = _gather(lm)
         if isinstance(gathered, str):
             return None
-        return cls(lm, native.decode_layers_kernel(), *gathered)
+        layers = cls(lm, native.decode_layers_kernel(), *gathered)
+        layers.attention_kernel = attention_kernel
+        return layers
 
     def takes(self, hidden: torch.Tensor) -> bool:
         """Whether this step can run here: no gradients, not traced, and not more rows than the int8 kernel takes."""
@@ -381,17 +387,9 @@ class NativeLayers:
         return self.max_rows is None or hidden.shape[0] <= self.max_rows
 
     def __call__(
-        self,
-        hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        buffers: KVBuffers,
-        *,
-        native_attention: bool = True,
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, buffers: KVBuffers
     ) -> torch.Tensor:
-        """``hidden`` [B, 1, H] after every layer, keys and values into column ``buffers.length`` (attention: as
-        :func:`fastvlm.native.decode_attention` with ``kernel=native_attention``)."""
+        """``hidden`` [B, 1, H] after every layer; each layer's key and value go into column ``buffers.length``."""
         return self.kernel(
             hidden,
             cos,
@@ -408,7 +406,7 @@ class NativeLayers:
             self.head_dim,
             self.scaling,
             linears.FLOAT16_KERNEL_MAX_ROWS,  # read now, as GemvLinear.forward reads it
-            native_attention,
+            self.attention_kernel,
         )
 
 

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
     "CACHE_ENV",
@@ -191,14 +191,8 @@ def decode_attention_kernel() -> Any | None:
 
 
 def decode_attention(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-    *,
-    kernel: bool = True,
-) -> torch.Tensor:
+    query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, scale: float, *, kernel: bool = True
+) -> Tensor:
     """A decode step's attention: softmax(q k^T scale) v for the new query [B, heads, 1, D] over the
     cached ``keys``, ``values`` [B, kv_heads, L, D], each key/value head shared by heads / kv_heads
     query heads; ``mask`` [B, 1, 1, L] bool (True: attend) or None.
