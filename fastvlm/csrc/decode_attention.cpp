@@ -104,10 +104,20 @@ struct Layout {
   static Layout of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 };
 
+// A task's query heads: [first, first + count) of batch row b, all sharing key/value head kv.
+struct Task {
+  int64_t b, kv, first, count;
+};
+
 struct Shape {
   int64_t batch, heads, kv_heads, group, length, dim;
   int64_t passes() const { return (group + kHeadsPerPass - 1) / kHeadsPerPass; }
   int64_t tasks() const { return batch * kv_heads * passes(); }
+  // Task t: pass t % passes() over the group of (row, key/value head) pair t / passes().
+  Task task(int64_t t) const {
+    const int64_t pass = t % passes(), pair = t / passes(), kv = pair % kv_heads;
+    return {pair / kv_heads, kv, kv * group + pass * kHeadsPerPass, std::min(kHeadsPerPass, group - pass * kHeadsPerPass)};
+  }
 };
 
 // One chunk's partial result for 8 heads: the largest score (-inf: nothing attended in the chunk),
@@ -126,8 +136,7 @@ __attribute__((target("avx2,fma,f16c"))) void attend_chunk(const T* query, Layou
                                                          const T* values, Layout v, const bool* mask, int64_t mask_batch,
                                                          int64_t mask_position, const Shape& s, float scale, int64_t task,
                                                          int64_t begin, int64_t end, Partial result) {
-  const int64_t pass = task % s.passes(), b = task / s.passes() / s.kv_heads, kv = task / s.passes() % s.kv_heads;
-  const int64_t first = kv * s.group + pass * kHeadsPerPass, count = std::min(kHeadsPerPass, s.group - pass * kHeadsPerPass);
+  const auto [b, kv, first, count] = s.task(task);
   const int64_t D = s.dim, L = end - begin;
   std::vector<float> queries(kHeadsPerPass * D, 0.0f), scores(L * kHeadsPerPass);
   for (int64_t g = 0; g < count; ++g)
@@ -188,8 +197,7 @@ __attribute__((target("avx2,fma,f16c"))) void attend_chunk(const T* query, Layou
 template <typename T>
 __attribute__((target("avx2,fma,f16c"))) void merge_chunks(const float* largest, const float* total, const float* sums,
                                                          int64_t chunks, const Shape& s, int64_t task, T* out) {
-  const int64_t pass = task % s.passes(), b = task / s.passes() / s.kv_heads, kv = task / s.passes() % s.kv_heads;
-  const int64_t first = kv * s.group + pass * kHeadsPerPass, count = std::min(kHeadsPerPass, s.group - pass * kHeadsPerPass);
+  const auto [b, kv, first, count] = s.task(task);
   const int64_t D = s.dim;
   const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   __m256 best = minus_inf;
