@@ -356,8 +356,9 @@ class FastVLM(nn.Module):
 
         The tower's architecture is read from its tensors. ``fuse`` (default) switches
         the tower to its fused inference form; pass ``fuse=False`` to train.
-        ``quantization`` (``"int8"`` or ``"int4"``) quantizes the decoder's linear weights
-        with torchao once loaded; see :mod:`fastvlm.quantization`.
+        ``quantization`` (``"int8"``, ``"int8-head"`` or ``"int4"``) quantizes the decoder's
+        linear weights once loaded: int8 on our CPU kernel where it builds (else ATen's, or
+        torchao off the CPU), int4 with torchao; see :mod:`fastvlm.quantization`.
         ``dtype="auto"`` loads fp32 and picks each stage's precision (encoder fp32/bf16,
         decoder fp32/bf16/int8) by measuring them on this machine within a quality bound,
         cached per machine; the choice is ``model.precision``. See :mod:`fastvlm.precision`.

@@ -1,5 +1,5 @@
-"""Every import path the README shows works: ``from X import Y`` lines in its code blocks,
-dotted ``fastvlm.module.name`` references and file paths in its text."""
+"""Every import path the README (and the notes under docs/) shows works: ``from X import Y`` lines in
+code blocks, dotted ``fastvlm.module.name`` references and file paths in the text."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 README_PATH = Path(__file__).resolve().parents[1] / "README.md"
-README = README_PATH.read_text()
+DOC_PATHS = [README_PATH, *sorted((README_PATH.parent / "docs").glob("*.md"))]
+README = "\n".join(path.read_text() for path in DOC_PATHS)
 FROM_IMPORTS = sorted(set(re.findall(r"^from (fastvlm[\w.]*) import ([\w, ]+)$", README, flags=re.MULTILINE)))
 DOTTED = sorted(set(re.findall(r"`(fastvlm(?:\.\w+)+)", README)))
 FILES = sorted(set(re.findall(r"`((?:fastvlm|benchmarks|examples)/[\w/]+\.(?:py|sh))", README)))
