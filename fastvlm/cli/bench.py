@@ -282,7 +282,8 @@ def _register_encoder(subparsers: Subparsers) -> None:
         "--fused-dtype",
         choices=["auto", *DTYPES],
         default="auto",
-        help="dtype of the fused form (auto: fp32 on CPU, bf16 on GPU; bf16 is also fast on CPUs with AVX512-BF16)",
+        help="dtype of the fused form (auto: fp32 on CPU, bf16 on GPU; bf16 pays on some CPUs, e.g. with AMX, "
+        "and loses on others)",
     )
     p.add_argument("--quick", action="store_true", help="256 and 512 px, 3 repeats")
     add_rows_json(p)
